@@ -1,0 +1,32 @@
+# The README's commands. `make train` and `make test` set everything up on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check -c requirements.lock
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+# torch first (the local CPU wheel), then the build backend, then the project in place,
+# built against that torch (--no-build-isolation), with every version pinned by requirements.lock.
+$(STAMP): pyproject.toml requirements.lock CMakeLists.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) scikit-build-core==1.1.2
+	$(PIP) --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+train: setup
+	$(PY) -m lima_core.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m pytest bench/
+
+clean:
+	rm -rf $(VENV) build runs .pytest_cache

@@ -1,0 +1,1 @@
+"""lima_kernels: Triton kernels for LLaMA training."""
