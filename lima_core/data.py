@@ -1,0 +1,143 @@
+"""LIMA data: JSONL conversations -> token ids and loss mask -> packed rows.
+
+One JSON object a line, `{"conversations": ["user", "assistant", ...], "source": "..."}` (the
+public LIMA release); turns may also be `{"role": "user"|"assistant", "content": "..."}`.
+Every utterance ends with EOT; the loss covers assistant tokens and their EOT only. Rows are
+packed to at most `max_len` tokens with `cu_seqlens` marking the examples and positions that
+restart at 0 in each, so no padding is ever computed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """Bad training data; the message starts with `file:line:`."""
+
+
+def read_conversations(path: str | Path) -> list[list[str]]:
+    """Each line's turns, validated; any problem raises DataError naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    conversations = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            conversations.append(_parse_line(line, f"{path}:{number}"))
+    if not conversations:
+        raise DataError(f"{path}: no conversations (the file is empty)")
+    return conversations
+
+
+def _parse_line(line: str, where: str) -> list[str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "conversations" not in record:
+        raise DataError(f"{where}: missing field 'conversations'")
+    turns = record["conversations"]
+    if not isinstance(turns, list) or len(turns) < 2:
+        raise DataError(f"{where}: 'conversations' must be a list of at least two turns (user, assistant)")
+    texts = []
+    for i, turn in enumerate(turns):
+        expected = ("user", "assistant")[i % 2]
+        if isinstance(turn, dict):
+            if turn.get("role") != expected:
+                raise DataError(f"{where}: turn {i + 1} has role {turn.get('role')!r}, expected {expected!r}: "
+                                "turns must alternate, starting with the user")
+            turn = turn.get("content")
+        if not isinstance(turn, str) or not turn.strip():
+            raise DataError(f"{where}: turn {i + 1} must be a non-empty string")
+        texts.append(turn)
+    if len(texts) % 2:
+        raise DataError(f"{where}: the conversation ends with a user turn; it must end with the assistant's")
+    return texts
+
+
+@dataclass
+class Example:
+    """One conversation as model input: ids [n] and next-token labels [n] (IGNORE where no loss)."""
+
+    ids: list[int]
+    labels: list[int]
+
+
+def encode_conversation(tokenizer, turns: list[str], max_len: int) -> Example:
+    """BOS, then every turn followed by EOT; labels on assistant tokens and their EOT; truncated."""
+    ids, trained = [tokenizer.bos_id], [False]
+    for i, turn in enumerate(turns):
+        piece = tokenizer.encode(turn) + [tokenizer.eot_id]
+        ids += piece
+        trained += [i % 2 == 1] * len(piece)
+    ids, trained = ids[:max_len], trained[:max_len]
+    # Position t predicts token t + 1: its label is that token when the token is trained on.
+    labels = [nxt if keep else IGNORE for nxt, keep in zip(ids[1:], trained[1:])] + [IGNORE]
+    return Example(ids, labels)
+
+
+def prompt_ids(tokenizer, turns: list[str]) -> list[int]:
+    """The ids a model continues to answer the last user turn of `turns` (odd length)."""
+    ids = [tokenizer.bos_id]
+    for turn in turns:
+        ids += tokenizer.encode(turn) + [tokenizer.eot_id]
+    return ids
+
+
+@dataclass
+class Row:
+    """Examples packed into one row: tokens, labels, positions [1, n]; cu_seqlens [k + 1]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    def to(self, device) -> "Row":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Row(move(self.tokens), move(self.labels), move(self.positions), move(self.cu_seqlens), self.max_seqlen)
+
+
+def pack(examples: list[Example], max_len: int) -> list[Row]:
+    """Greedy packing in order: a row is closed when the next example would overflow max_len."""
+    rows, current = [], []
+    for ex in examples:
+        if current and sum(len(e.ids) for e in current) + len(ex.ids) > max_len:
+            rows.append(_row(current))
+            current = []
+        current.append(ex)
+    if current:
+        rows.append(_row(current))
+    return rows
+
+
+def _row(examples: list[Example]) -> Row:
+    lengths = [len(e.ids) for e in examples]
+    tokens = torch.tensor([i for e in examples for i in e.ids]).unsqueeze(0)  # [1, n]
+    labels = torch.tensor([i for e in examples for i in e.labels]).unsqueeze(0)  # [1, n]
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)  # [1, n]
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)  # [k + 1]
+    return Row(tokens, labels, positions, cu_seqlens, max(lengths))
+
+
+def epoch_batches(examples: list[Example], batch_size: int, epoch: int, seed: int) -> list[list[Example]]:
+    """The epoch's examples in a seeded random order, cut into global batches (the last may be short)."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    shuffled = [examples[i] for i in order]
+    return [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]

@@ -1,0 +1,204 @@
+"""Hugging Face format: config.json + safetensors (one file or sharded with an index).
+
+The model keeps HF's rotate-half q/k layout, so import and export are renaming only (no
+permutation). Every export is written into a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lima_core.config import ConfigError, ModelConfig, RopeScaling
+from lima_core.model import Llama
+
+# Our parameter names -> HF's, per block ({} is the layer index).
+_BLOCK_KEYS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w_gate.weight": "mlp.gate_proj.weight",
+    "mlp.w_up.weight": "mlp.up_proj.weight",
+    "mlp.w_down.weight": "mlp.down_proj.weight",
+}
+_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+_TO_OURS = {v: k for k, v in _TOP_KEYS.items()} | {f"model.layers.{{}}.{v}": f"layers.{{}}.{k}" for k, v in _BLOCK_KEYS.items()}
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_key(key: str) -> str:
+    """Our state-dict key -> the HF key."""
+    if key in _TOP_KEYS:
+        return _TOP_KEYS[key]
+    m = _LAYER.match(key)
+    return f"model.layers.{m.group(1)}.{_BLOCK_KEYS[key[m.end():]]}"
+
+
+def our_key(key: str) -> str | None:
+    """HF key -> ours; None for keys the model does not use (e.g. rotary buffers)."""
+    m = _LAYER.match(key)
+    template = _LAYER.sub("model.layers.{}.", key, count=1) if m else key
+    ours = _TO_OURS.get(template)
+    return ours.format(m.group(1)) if ours and m else ours
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> ModelConfig:
+    """ModelConfig from an HF LlamaConfig dict (transformers 4 or 5 spelling)."""
+    if d.get("model_type", "llama") != "llama":
+        raise ConfigError(f"{where}: model_type {d.get('model_type')!r} is not llama")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        scaling = RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                              high_freq_factor=rope["high_freq_factor"],
+                              original_max_position_embeddings=rope["original_max_position_embeddings"])
+    elif rope_type == "default":
+        scaling = None
+    else:
+        raise ConfigError(f"{where}: rope type {rope_type!r} is not supported (default and llama3 are)")
+    if d.get("attention_bias") or d.get("mlp_bias") or d.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: biases and activations other than silu are not supported")
+    eos = d.get("eos_token_id", 2)
+    return ModelConfig(
+        dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"), ffn_dim=d["intermediate_size"],
+        vocab_size=d["vocab_size"], norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=d.get("max_position_embeddings", 2048), tie_embeddings=d.get("tie_word_embeddings", False),
+        init_std=d.get("initializer_range", 0.02), bos_id=d.get("bos_token_id", 1),
+        eos_id=eos[0] if isinstance(eos, list) else eos)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                    high_freq_factor=s.high_freq_factor,
+                    original_max_position_embeddings=s.original_max_position_embeddings)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+        "dtype": {v: k for k, v in DTYPES.items()}[dtype],
+    }
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return files
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
+    """A Llama from an HF checkpoint folder, built on the meta device then filled from safetensors."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected an HF-format checkpoint folder)")
+    cfg = config_from_hf(json.loads(config_path.read_text()), str(config_path))
+    with torch.device("meta"):
+        model = Llama(cfg)
+    wanted = set(model.state_dict())
+    state = {}
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                ours = our_key(key)
+                if ours in wanted:
+                    state[ours] = f.get_tensor(key).to(dtype)
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {hf_key(missing[0])}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers()
+    return model
+
+
+def save_pretrained(model: Llama, path: str | Path, tokenizer=None, *, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 5 * 2**30):
+    """Write an HF checkpoint folder atomically: config, generation config, safetensors, tokenizer."""
+    path = Path(path)
+    dtype = dtype or model.tok_embeddings.weight.dtype
+    with atomic_dir(path) as tmp:
+        tensors = {hf_key(k): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+        _write_shards(tensors, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.cfg, tokenizer), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+
+def generation_config(cfg: ModelConfig, tokenizer=None) -> dict:
+    """LIMA's sampling settings; generation stops on EOS and on EOT."""
+    eos = [cfg.eos_id] if tokenizer is None else [tokenizer.eos_id, tokenizer.eot_id]
+    return {"bos_token_id": cfg.bos_id, "eos_token_id": eos, "do_sample": True, "top_p": 0.9,
+            "temperature": 0.7, "repetition_penalty": 1.2, "max_new_tokens": 2048}
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int):
+    shards, size = [[]], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, keys in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: tensors[k] for k in keys}, directory / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class atomic_dir:
+    """`with atomic_dir(path) as tmp:` fills tmp; on success tmp replaces path, on error it is removed."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+        if self.path.exists():
+            self.path.rename(old)
+        self.tmp.rename(self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return False

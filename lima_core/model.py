@@ -1,0 +1,217 @@
+"""LLaMA, from scratch, numerically equal to Hugging Face `LlamaForCausalLM`.
+
+RMSNorm in fp32 cast back before the weight; rotate-half RoPE on HF's q/k layout (with LLaMA
+3.1's "llama3" frequency scaling); grouped-query attention; SwiGLU; tied or untied head.
+Training extras from LIMA: residual dropout on each sublayer's output, its rate linear in depth
+from 0 at the bottom layer to `p_top` at the last, masks from a counter-based RNG keyed by
+(seed, layer, sublayer) so a recomputed forward (activation checkpointing) reproduces them.
+
+The forward takes packed rows (`cu_seqlens` marks example boundaries, positions restart per
+example) or plain `[batch, seq]` ids. It knows nothing of sharding, checkpointing or kernel
+choice: those are applied from outside (parallelize.py, ops.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lima_core import ops
+from lima_core.attention import attention
+from lima_core.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim // 2], with llama3 scaling when configured."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # LLaMA 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly in 1/wavelength.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(in_band, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin [*positions.shape, head_dim] for rotate-half RoPE, computed in fp32."""
+    freqs = positions.float()[..., None] * inv_freq.float()  # [..., head_dim // 2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [..., head_dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache):
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
+        q = ops.rotary(q, cos, sin)
+        k = ops.rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)  # [b, cached + s, hkv, d]
+        y = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # [b, s, h, d]
+        return self.wo(y.reshape(b, s, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = 0.0
+        """This layer's residual dropout rate; set by Llama.set_residual_dropout."""
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, dropout_seed=None, cache=None):
+        p = self.dropout if self.training and dropout_seed is not None else 0.0
+        seeds = (ops.mix_seed(dropout_seed, self.layer_id, 0), ops.mix_seed(dropout_seed, self.layer_id, 1)) if p else (0, 0)
+        h = ops.dropout_add(self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache), x, p, seeds[0])
+        return ops.dropout_add(self.mlp(self.mlp_norm(h)), h, p, seeds[1])
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None):
+        """Random initialisation as transformers does it: N(0, init_std) weights, unit norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, self.cfg.init_std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        self.init_buffers()
+
+    def init_buffers(self):
+        """Recompute non-persistent buffers (after building on the meta device)."""
+        self.inv_freq = rope_inv_freq(self.cfg, device=self.tok_embeddings.weight.device)
+
+    def set_residual_dropout(self, p_top: float):
+        """LIMA's ramp: layer l of L drops with rate p_top * l / (L - 1)."""
+        n = len(self.layers)
+        for block in self.layers:
+            block.dropout = p_top * block.layer_id / (n - 1) if n > 1 else p_top
+
+    def forward(self, tokens, labels=None, *, positions=None, cu_seqlens=None, max_seqlen=None,
+                dropout_seed=None, cache=None):
+        """tokens [b, s] -> logits [b, s, vocab], or with labels [b, s] (-100 = ignore) ->
+        (sum of token losses in fp32, number of target tokens).
+
+        Packed rows: b == 1, `cu_seqlens` [n + 1] int32 marks the examples, `positions` [1, s]
+        restart at 0 in each. `dropout_seed` (an int) turns residual dropout on in training mode.
+        """
+        if positions is None:
+            start = 0 if cache is None else cache.length
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.tok_embeddings(tokens)  # [b, s, dim]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [b, s, head_dim]
+        for block in self.layers:
+            x = block(x, cos, sin, cu_seqlens, max_seqlen, dropout_seed,
+                      None if cache is None else cache.layer(block.layer_id))
+        if cache is not None:
+            cache.advance(tokens.shape[1])
+        x = self.norm(x)
+        if labels is None:
+            return F.linear(x, self.head_weight)
+        return ops.linear_cross_entropy(x.flatten(0, 1), self.head_weight, labels.flatten())
+
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size: int):
+        """Grow the embedding (and head) to vocab_size rows; new rows are the mean of the old ones,
+        so a new special token starts as an average token rather than noise."""
+        old = self.cfg.vocab_size
+        if vocab_size <= old:
+            return
+        def grown(weight):
+            extra = weight.float().mean(0, keepdim=True).expand(vocab_size - old, -1).to(weight.dtype)
+            return nn.Parameter(torch.cat([weight, extra]), requires_grad=weight.requires_grad)
+        self.tok_embeddings.weight = grown(self.tok_embeddings.weight)
+        self.tok_embeddings.num_embeddings = vocab_size
+        if self.output is not None:
+            self.output.weight = grown(self.output.weight)
+            self.output.out_features = vocab_size
+        self.cfg.vocab_size = vocab_size
+
+
+class KVCache:
+    """Keys and values of past positions for incremental decoding, [b, max_len, hkv, d] per layer."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def layer(self, i: int) -> "_LayerCache":
+        return _LayerCache(self, i)
+
+    def advance(self, n: int):
+        self.length += n
+
+
+class _LayerCache:
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def update(self, k, v):
+        c, start = self.cache, self.cache.length
+        end = start + k.shape[1]
+        if end > c.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {c.max_len}")
+        c.k[self.i][:, start:end] = k
+        c.v[self.i][:, start:end] = v
+        return c.k[self.i][:, :end], c.v[self.i][:, :end]

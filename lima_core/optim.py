@@ -1,0 +1,28 @@
+"""AdamW and LIMA's learning-rate schedule (linear from lr to lr_end, no warmup)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), none on norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, foreach=False)
+
+
+def lr_at(step: int, total_steps: int, lr: float, lr_end: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): lr at the first, lr_end at the last."""
+    if total_steps <= 1:
+        return lr
+    return lr + (lr_end - lr) * step / (total_steps - 1)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr

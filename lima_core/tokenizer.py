@@ -1,0 +1,116 @@
+"""Tokenizer: a sentencepiece `tokenizer.model` or an HF `tokenizer.json`, plus LIMA's EOT.
+
+LIMA ends every utterance with a new special end-of-turn token. It is appended after the base
+vocabulary (id = base size) unless the file already has it, and the export writes it as an
+added special token so that a `transformers` tokenizer loaded from the export gives it the
+same id, and `generation_config.json` stops on it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+EOT = "<|end_of_turn|>"
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            path = find_tokenizer_file(path)
+        self.path = path
+        if path.suffix == ".json":
+            self._init_hf(path)
+        else:
+            self._init_sentencepiece(path)
+
+    def _init_sentencepiece(self, path: Path):
+        import sentencepiece
+
+        self.kind = "sentencepiece"
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.base_vocab_size = self._sp.get_piece_size()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        self.bos_token, self.eos_token = self._sp.id_to_piece(self.bos_id), self._sp.id_to_piece(self.eos_id)
+        known = self._sp.piece_to_id(EOT)
+        self.eot_id = known if known != self._sp.unk_id() else self.base_vocab_size
+
+    def _init_hf(self, path: Path):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.kind = "tokenizer.json"
+        self._hf = HFTokenizer.from_file(str(path))
+        self.base_vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+        self.bos_token, self.eos_token = _special_tokens_of(path, self._hf)
+        self.bos_id, self.eos_id = self._hf.token_to_id(self.bos_token), self._hf.token_to_id(self.eos_token)
+        self._hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+        self.eot_id = self._hf.token_to_id(EOT)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows the model needs: the base vocabulary and EOT."""
+        return max(self.base_vocab_size, self.eot_id + 1)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, with no BOS, EOS or EOT."""
+        if self.kind == "sentencepiece":
+            return self._sp.encode(text)
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids, special tokens (EOT included) left out."""
+        specials = {self.bos_id, self.eos_id, self.eot_id}
+        ids = [i for i in ids if i not in specials]
+        if self.kind == "sentencepiece":
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+    def save(self, directory: str | Path):
+        """Write the tokenizer files and an HF tokenizer_config.json that declares EOT."""
+        directory = Path(directory)
+        added = {str(self.eot_id): _added_token(EOT)}
+        if self.kind == "sentencepiece":
+            shutil.copyfile(self.path, directory / "tokenizer.model")
+            added.update({str(self.bos_id): _added_token(self.bos_token), str(self.eos_id): _added_token(self.eos_token)})
+            unk = self._sp.unk_id()
+            added[str(unk)] = _added_token(self._sp.id_to_piece(unk))
+            config = {"tokenizer_class": "LlamaTokenizer", "unk_token": self._sp.id_to_piece(unk),
+                      "add_bos_token": True, "add_eos_token": False, "legacy": False}
+        else:
+            self._hf.save(str(directory / "tokenizer.json"))
+            config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        config.update({"bos_token": self.bos_token, "eos_token": self.eos_token,
+                       "extra_special_tokens": [EOT], "added_tokens_decoder": added})
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def find_tokenizer_file(directory: Path) -> Path:
+    """tokenizer.json or tokenizer.model inside a checkpoint folder."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
+
+
+def _special_tokens_of(path: Path, hf) -> tuple[str, str]:
+    """BOS and EOS of a tokenizer.json: from tokenizer_config.json beside it, else by convention."""
+    config_path = path.parent / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        bos, eos = config.get("bos_token"), config.get("eos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if bos and eos:
+            return bos, eos
+    for bos, eos in (("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>")):
+        if hf.token_to_id(bos) is not None and hf.token_to_id(eos) is not None:
+            return bos, eos
+    raise ValueError(f"{path}: cannot tell its BOS and EOS tokens; put a tokenizer_config.json beside it")
+
+
+def _added_token(content: str) -> dict:
+    return {"content": content, "special": True, "lstrip": False, "rstrip": False,
+            "normalized": False, "single_word": False}
