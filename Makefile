@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check -c requirements.lock
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+TRAIN_CONFIG ?= configs/tiny.toml
 
 .PHONY: setup train test bench clean
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock CMakeLists.txt
 	touch $(STAMP)
 
 train: setup
-	$(PY) -m lima_core.train $(ARGS)
+	$(PY) -m lima_core.train --config $(TRAIN_CONFIG) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

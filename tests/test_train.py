@@ -1,0 +1,143 @@
+"""Training: golden losses against transformers + torch.optim.AdamW, the schedule, the run's
+outputs, and the stop on a non-finite loss."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from conftest import ASSETS, make_hf_model, rel_err
+from lima_core import train as train_module
+from lima_core.config import load_train_config
+from lima_core.data import IGNORE, Example
+from lima_core.hf import hf_key, load_pretrained
+from lima_core.optim import build_optimizer, lr_at, set_lr
+from lima_core.train import step_loss
+
+
+def random_batches(n_steps, batch, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_steps):
+        examples = []
+        for _ in range(batch):
+            n = int(torch.randint(4, 30, (1,), generator=g))
+            ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+            prompt = int(torch.randint(1, n - 1, (1,), generator=g))  # loss only after the "prompt"
+            labels = [IGNORE] * prompt + ids[prompt + 1:] + [IGNORE]
+            examples.append(Example(ids, labels))
+        out.append(examples)
+    return out
+
+
+def test_five_steps_equal_transformers_with_torch_adamw(tmp_path):
+    hf = make_hf_model("gqa-llama3-rope")
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    ours.set_residual_dropout(0.0)
+    steps, lr, lr_end, betas, wd = 5, 1e-3, 1e-4, (0.9, 0.95), 0.1
+    opt = build_optimizer(ours, lr, betas, wd)
+    # The reference: the same decay groups (matrices only) in transformers' parameter names.
+    hf_params = dict(hf.named_parameters())
+    groups = [{"params": [hf_params[hf_key(n)] for n, p in ours.named_parameters() if p.ndim >= 2], "weight_decay": wd},
+              {"params": [hf_params[hf_key(n)] for n, p in ours.named_parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    ref_opt = torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
+
+    worst = 0.0
+    for step, batch in enumerate(random_batches(steps, batch=6, vocab=101)):
+        set_lr(opt, lr_at(step, steps, lr, lr_end))
+        set_lr(ref_opt, lr_at(step, steps, lr, lr_end))
+        # lima-core: packed rows of at most 64 tokens, several micro-batches.
+        loss_sum, n, _ = step_loss(ours, batch, 64, torch.device("cpu"), None, torch.float32)
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        # transformers: each example alone, mean over the batch's target tokens.
+        ref_sum = 0.0
+        for ex in batch:
+            logits = hf(torch.tensor([ex.ids])).logits[0]
+            loss = F.cross_entropy(logits, torch.tensor(ex.labels), ignore_index=IGNORE, reduction="sum")
+            (loss / n).backward()
+            ref_sum += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        err = abs(float(loss_sum) - ref_sum) / ref_sum
+        worst = max(worst, err)
+        assert err < 1e-5, f"step {step}"  # the issue's golden-loss target
+    params_err = max(rel_err(p, hf_params[hf_key(name)]) for name, p in ours.named_parameters())
+    print(f"\nworst loss error over {steps} steps: {worst:.2e}; worst parameter error after: {params_err:.2e}")
+    # Looser than the losses on purpose: AdamW divides by sqrt(v) + 1e-8, so an element whose
+    # gradient cancels to ~1e-8 (measured: 7.2e-9 here vs 6.8e-9 in transformers, fp32
+    # rounding) moves by a visibly different fraction of lr; measured worst tensor: 1.1e-5.
+    assert params_err < 1e-4
+
+
+def test_learning_rate_decays_linearly_without_warmup():
+    lrs = [lr_at(s, 10, 1e-5, 1e-6) for s in range(10)]
+    assert lrs[0] == 1e-5 and lrs[-1] == pytest.approx(1e-6)
+    diffs = [a - b for a, b in zip(lrs, lrs[1:])]
+    assert diffs == pytest.approx([1e-6] * 9)
+
+
+def test_config_precedence_and_unknown_keys(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nlr = 2e-5\nepochs = 3\n')
+    cfg = load_train_config(["--config", str(toml), "--epochs", "4"])
+    assert (cfg.lr, cfg.epochs, cfg.beta2, cfg.weight_decay) == (2e-5, 4, 0.95, 0.1)
+    toml.write_text('[train]\nlearning_rate = 2e-5\n')
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_train_config(["--config", str(toml)])
+    result = subprocess.run([sys.executable, "-m", "lima_core.train", "--epochs", "zero"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--epochs" in result.stderr
+
+
+def small_run_args(tmp_path, *extra):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(line + "\n" for line in (ASSETS / "train.jsonl").read_text().splitlines()[:12]))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(line + "\n" for line in (ASSETS / "dev.jsonl").read_text().splitlines()[:2]))
+    return ["--data", str(data), "--dev-data", str(dev), "--out-dir", str(tmp_path / "runs"), "--name", "t",
+            "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--gen-max-tokens", "8", *extra]
+
+
+def test_a_run_writes_metrics_exports_summary_and_plot(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lima_core.train", *small_run_args(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "t"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 9 and {"step", "epoch", "loss", "lr", "tokens"} <= set(metrics[0])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["window"] == [1, 2]  # epochs 5-10 of 15, scaled to 3
+    assert summary["chosen_epoch"] in (1, 2) and "dev loss" in summary["reason"]
+    assert (run / "loss.png").stat().st_size > 1000
+    assert "lima>" in result.stdout
+    # Every epoch's export loads in transformers and gives lima-core's logits.
+    tokens = torch.randint(0, 1024, (1, 17))
+    for epoch in (1, 2, 3):
+        theirs = LlamaForCausalLM.from_pretrained(run / f"epoch-{epoch}")
+        assert rel_err(theirs(tokens).logits, load_pretrained(run / f"epoch-{epoch}")(tokens)) < 1e-5  # fp32 target
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_export(tmp_path, monkeypatch, capsys):
+    real = train_module.step_loss
+
+    def nan_from_step_4(model, batch, *args):
+        loss_sum, n, tokens = real(model, batch, *args)
+        nan_from_step_4.calls += 1
+        return (loss_sum * float("nan") if nan_from_step_4.calls > 4 else loss_sum), n, tokens
+
+    nan_from_step_4.calls = 0
+    monkeypatch.setattr(train_module, "step_loss", nan_from_step_4)
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(small_run_args(tmp_path))
+    assert exit_.value.code == 1
+    assert "loss is nan" in capsys.readouterr().err
+    run = tmp_path / "runs" / "t"
+    assert (run / "epoch-1").is_dir() and not (run / "epoch-2").exists()
+    LlamaForCausalLM.from_pretrained(run / "epoch-1")  # the last export is whole
