@@ -20,7 +20,7 @@ import torch
 from lima_core import ops
 from lima_core.config import PRESETS, ConfigError, ModelConfig, TrainConfig, load_train_config
 from lima_core.data import DataError, Example, encode_conversation, epoch_batches, pack, read_conversations
-from lima_core.generate import answer
+from lima_core.sampling import answer
 from lima_core.hf import load_pretrained, save_pretrained
 from lima_core.model import Llama
 from lima_core.optim import build_optimizer, lr_at, set_lr
