@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ASSETS
+from helpers import ASSETS
 from lima_core.config import ModelConfig
 from lima_core.data import IGNORE, DataError, encode_conversation, pack, read_conversations
 from lima_core.model import Llama

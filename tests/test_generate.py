@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
-from conftest import ASSETS, make_hf_model
+from helpers import ASSETS, make_hf_model
 from lima_core.sampling import apply_repetition_penalty, generate, sample_next
 from lima_core.hf import load_pretrained
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import rel_err
+from helpers import rel_err
 from lima_core.hf import hf_key, load_pretrained, our_key, save_pretrained
 
 
@@ -24,7 +24,7 @@ def test_export_loads_in_transformers_with_the_same_logits(hf_checkpoint, tmp_pa
 
 
 def test_sharded_export_has_an_index_and_loads_both_ways(tmp_path):
-    from conftest import make_hf_model
+    from helpers import make_hf_model
 
     hf = make_hf_model("gqa-llama3-rope")
     hf.save_pretrained(tmp_path / "hf")
@@ -50,7 +50,7 @@ def test_key_map_round_trips():
 
 
 def test_a_failed_export_leaves_the_previous_one_intact(tmp_path):
-    from conftest import make_hf_model
+    from helpers import make_hf_model
 
     hf = make_hf_model("odd-tied")
     hf.save_pretrained(tmp_path / "hf")

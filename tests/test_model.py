@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from conftest import make_hf_model, rel_err
+from helpers import make_hf_model, rel_err
 from lima_core.config import PRESETS, ModelConfig
 from lima_core.hf import hf_key, load_pretrained
 from lima_core.model import KVCache, Llama, rope_cos_sin

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ASSETS
+from helpers import ASSETS
 from lima_core.config import ModelConfig
 from lima_core.hf import save_pretrained
 from lima_core.model import Llama

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from conftest import ASSETS, make_hf_model, rel_err
+from helpers import ASSETS, make_hf_model, rel_err
 from lima_core import train as train_module
 from lima_core.config import load_train_config
 from lima_core.data import IGNORE, Example

@@ -1,0 +1,1 @@
+"""The Triton ops, one file each: kernels, launchers, autograd, public function, module."""

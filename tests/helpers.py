@@ -1,0 +1,42 @@
+"""Helpers shared by the tests: small checkpoints written by `transformers` itself (the
+reference we test against) and the error measure the parity targets are stated in."""
+
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).parents[1] / "lima_core" / "assets"
+
+# Shapes that exercise every code path: grouped-query attention, odd widths, a non-default
+# rope_theta, LLaMA 3.1 rope scaling, tied and untied heads.
+HF_CONFIGS = {
+    "gqa-llama3-rope": dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                            num_attention_heads=6, num_key_value_heads=2, rope_theta=500000.0,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                            max_position_embeddings=128),
+    "odd-tied": dict(vocab_size=97, hidden_size=36, intermediate_size=61, num_hidden_layers=3,
+                     num_attention_heads=3, num_key_value_heads=3, rope_theta=12345.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True),
+    "mqa-headdim": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=12),
+}
+
+
+def make_hf_model(name: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**HF_CONFIGS[name], attn_implementation="eager")
+    model = LlamaForCausalLM(config).float()
+    with torch.no_grad():  # norms start at one; random ones make the test see their use
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error in the 2-norm (the measure the parity targets are stated in)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
