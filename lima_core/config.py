@@ -66,6 +66,8 @@ class ModelConfig:
     """Beginning-of-sequence token id, recorded in the HF export."""
     eos_id: int = 2
     """End-of-sequence token id, recorded in the HF export."""
+    kernels: str = "auto"
+    """Fused ops: triton (lima_kernels), torch (plain-torch references) or auto (triton on CUDA)."""
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -74,6 +76,8 @@ class ModelConfig:
             if self.dim % self.n_heads:
                 raise ConfigError(f"model: dim {self.dim} is not divisible by n_heads {self.n_heads}")
             self.head_dim = self.dim // self.n_heads
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"model: kernels must be auto, triton or torch, got {self.kernels!r}")
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = _build(RopeScaling, self.rope_scaling, "model.rope_scaling")
         if self.n_heads % self.n_kv_heads:
@@ -179,6 +183,16 @@ class TrainConfig:
     """Epoch window (of 15) the exported checkpoint is chosen from; scaled to the number of epochs."""
     plot: bool = True
     """Write loss.png."""
+    checkpointing: str = "block"
+    """Activation checkpointing of the blocks: none, block (recompute each block) or selective (keep matmul outputs)."""
+    param_dtype: str = "fp32"
+    """Dtype of the gathered compute parameters (fp32 or bf16); master shards are always fp32."""
+    reduce_dtype: str = "fp32"
+    """Dtype gradients are reduce-scattered in (fp32 or bf16); shard gradients accumulate in fp32."""
+    save_every: int = 0
+    """Save the sharded train state every this many steps; 0 means at the end of each epoch."""
+    resume: str = ""
+    """Resume from a train state: empty (start fresh), auto (the newest complete one of this run) or a path."""
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16"):
@@ -194,6 +208,13 @@ class TrainConfig:
             raise ConfigError(f"train.dropout must be in [0, 1) or -1 (auto), got {self.dropout}")
         if not (0 < self.top_p <= 1 and self.temperature >= 0 and self.repetition_penalty > 0):
             raise ConfigError("train: top_p in (0, 1], temperature >= 0 and repetition_penalty > 0 are required")
+        if self.checkpointing not in ("none", "block", "selective"):
+            raise ConfigError(f"train.checkpointing must be none, block or selective, got {self.checkpointing!r}")
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self, name) not in ("fp32", "bf16"):
+                raise ConfigError(f"train.{name} must be fp32 or bf16, got {getattr(self, name)!r}")
+        if self.save_every < 0:
+            raise ConfigError(f"train.save_every must be >= 0, got {self.save_every}")
         self.select_epochs = tuple(self.select_epochs)
         if len(self.select_epochs) != 2 or not 1 <= self.select_epochs[0] <= self.select_epochs[1]:
             raise ConfigError(f"train.select_epochs must be [first, last] with 1 <= first <= last, got {self.select_epochs}")

@@ -7,6 +7,7 @@ permutation). Every export is written into a temporary folder and renamed into p
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -202,3 +203,119 @@ class atomic_dir:
         self.tmp.rename(self.path)
         shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+# ---- sharded models (lima_core.fsdp): streaming export, sliced import -----------------------
+
+
+def save_sharded(sharded, path: str | Path, tokenizer=None, *, dtype: torch.dtype = torch.float32,
+                 max_shard_bytes: int = 5 * 2**30):
+    """Export a sharded model in HF format; a collective (every rank calls it), rank 0 writes.
+
+    Units are gathered one at a time and written file by file, so no rank ever holds more
+    than one safetensors file's worth of tensors plus one unit. The folder appears atomically.
+    """
+    import torch.distributed as dist
+
+    path = Path(path)
+    files = _plan_files(sharded.units, torch.finfo(dtype).bits // 8, max_shard_bytes)
+    writer = atomic_dir(path) if sharded.rank == 0 else None
+    tmp = writer.__enter__() if writer else None
+    try:
+        weight_map, total = {}, 0
+        for i, units in enumerate(files, start=1):
+            tensors = {}
+            for unit in units:
+                tensors.update({hf_key(k): v.to("cpu", dtype) for k, v in sharded.full_tensors(unit).items()})
+            if tmp is None:
+                continue
+            name = "model.safetensors" if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        if tmp is not None:
+            if len(files) > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            model = sharded.model
+            (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.cfg, tokenizer), indent=2) + "\n")
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+    except BaseException as e:
+        if writer:
+            writer.__exit__(type(e), e, e.__traceback__)
+        raise
+    if writer:
+        writer.__exit__(None, None, None)
+    if sharded.world > 1:
+        dist.barrier(group=sharded.group)  # the export exists for every rank once this returns
+
+
+def _plan_files(units, element_size: int, max_shard_bytes: int) -> list[list]:
+    """Units grouped into files of at most max_shard_bytes (a unit larger than that gets its own)."""
+    files, size = [[]], 0
+    for unit in units:
+        nbytes = unit.numel * element_size
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(unit)
+        size += nbytes
+    return files
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an HF checkpoint folder."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected an HF-format checkpoint folder)")
+    return config_from_hf(json.loads(config_path.read_text()), str(config_path))
+
+
+@torch.no_grad()
+def load_sharded(sharded, path: str | Path):
+    """Fill a sharded model (built on the meta device) from an HF checkpoint, each rank reading
+    only the rows its shards cover (safe_open + get_slice). Rows beyond the checkpoint's
+    vocabulary (a grown vocabulary) get the mean of the checkpoint's rows, read in chunks."""
+    path = Path(path)
+    where = {}
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    handles = {}
+    try:
+        for unit in sharded.units:
+            for slot in unit.slots:
+                key = hf_key(slot.name)
+                if key not in where:
+                    raise ValueError(f"{path}: checkpoint lacks {key}")
+                if where[key] not in handles:
+                    handles[where[key]] = safe_open(str(where[key]), framework="pt", device="cpu")
+                _load_slot(unit, slot, handles[where[key]].get_slice(key))
+    finally:
+        handles.clear()
+
+
+def _load_slot(unit, slot, tensor_slice):
+    """Copy the part of one parameter that falls in this rank's shard."""
+    lo, hi = unit.local_range
+    a, b = max(lo - slot.offset, 0), min(hi - slot.offset, slot.numel)  # element range in the tensor
+    if b <= a:
+        return
+    row = math.prod(slot.shape[1:])
+    stored_rows = tensor_slice.get_shape()[0]
+    r0, r1 = a // row, -(-b // row)
+    pieces = []
+    if r0 < stored_rows:
+        pieces.append(tensor_slice[r0:min(r1, stored_rows)].to(torch.float32).reshape(-1))
+    if r1 > stored_rows:
+        mean = _mean_rows(tensor_slice, stored_rows)
+        pieces.append(mean.expand(r1 - max(r0, stored_rows), -1).reshape(-1))
+    values = torch.cat(pieces)[a - r0 * row:b - r0 * row]
+    unit.write_range(slot.offset + a, values)
+
+
+def _mean_rows(tensor_slice, rows: int, chunk: int = 4096) -> torch.Tensor:
+    total = sum(tensor_slice[i:min(i + chunk, rows)].double().sum(0) for i in range(0, rows, chunk))
+    return (total / rows).to(torch.float32).unsqueeze(0)

@@ -51,18 +51,19 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.ones(cfg.dim))
 
     def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.cfg.norm_eps, self.cfg.kernels)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -74,8 +75,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
-        q = ops.rotary(q, cos, sin)
-        k = ops.rotary(k, cos, sin)
+        q = ops.rotary(q, cos, sin, self.cfg.kernels)
+        k = ops.rotary(k, cos, sin, self.cfg.kernels)
         if cache is not None:
             k, v = cache.update(k, v)  # [b, cached + s, hkv, d]
         y = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # [b, s, h, d]
@@ -96,10 +97,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
+        self.cfg = cfg
         self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg)
         self.mlp = MLP(cfg)
         self.dropout = 0.0
         """This layer's residual dropout rate; set by Llama.set_residual_dropout."""
@@ -107,8 +109,11 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, dropout_seed=None, cache=None):
         p = self.dropout if self.training and dropout_seed is not None else 0.0
         seeds = (ops.mix_seed(dropout_seed, self.layer_id, 0), ops.mix_seed(dropout_seed, self.layer_id, 1)) if p else (0, 0)
-        h = ops.dropout_add(self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache), x, p, seeds[0])
-        return ops.dropout_add(self.mlp(self.mlp_norm(h)), h, p, seeds[1])
+        attn_out = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache)
+        # One pass: the new residual h and its normalized copy for the MLP.
+        h, normed = ops.dropout_add_rms_norm(attn_out, x, self.mlp_norm.weight, p, seeds[0], self.cfg.norm_eps,
+                                             self.cfg.kernels)
+        return ops.dropout_add(self.mlp(normed), h, p, seeds[1], self.cfg.kernels)
 
 
 class Llama(nn.Module):
@@ -117,7 +122,7 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
@@ -166,7 +171,7 @@ class Llama(nn.Module):
         x = self.norm(x)
         if labels is None:
             return F.linear(x, self.head_weight)
-        return ops.linear_cross_entropy(x.flatten(0, 1), self.head_weight, labels.flatten())
+        return ops.linear_cross_entropy(x.flatten(0, 1), self.head_weight, labels.flatten(), kernels=self.cfg.kernels)
 
     @torch.no_grad()
     def resize_vocab(self, vocab_size: int):

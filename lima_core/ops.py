@@ -1,12 +1,15 @@
 """The model's fused operations, in one place, so the model never chooses an implementation.
 
-Each function here has the signature of the `lima_kernels` op of the same name. Today they run
-the plain-torch references of `lima_kernels.reference` (exact HF numerics, differentiable,
-any device).
+Each function has the signature of the `lima_kernels` op of the same name plus `kernels`,
+the model's `ModelConfig.kernels`: "triton" runs the Triton kernel, "torch" the plain-torch
+reference (`lima_kernels.reference`: HF numerics, differentiable, any device), and "auto" the
+kernel on CUDA tensors and the reference elsewhere. Both compute the same function, dropout
+masks included (the reference replays Triton's Philox bit for bit).
 """
 
 from __future__ import annotations
 
+import lima_kernels
 from lima_kernels import reference
 
 _MASK64 = (1 << 64) - 1
@@ -25,22 +28,31 @@ def mix_seed(*values: int) -> int:
     return h >> 1
 
 
-def rms_norm(x, weight, eps):
-    return reference.rms_norm(x, weight, eps)
+def _impl(x, kernels: str):
+    """The module holding the implementation for tensor x under the `kernels` choice."""
+    return lima_kernels if kernels == "triton" or (kernels == "auto" and x.is_cuda) else reference
 
 
-def rotary(x, cos, sin):
+def rms_norm(x, weight, eps: float, kernels: str = "auto"):
+    return _impl(x, kernels).rms_norm(x, weight, eps)
+
+
+def rotary(x, cos, sin, kernels: str = "auto"):
     """x [b, s, h, d] with cos, sin [b, s, d] (broadcast over heads)."""
-    return reference.rotary(x, cos, sin)
+    return _impl(x, kernels).rotary(x, cos, sin)
 
 
-def dropout_add(x, residual, p: float, seed: int, offset: int = 0):
-    """residual + dropout(x, p); the mask is a function of (seed, offset, element index)."""
-    if p == 0.0:
-        return residual + x
-    return reference.dropout_add(x, residual, p, seed, offset)
+def dropout_add(x, residual, p: float, seed: int, kernels: str = "auto"):
+    """residual + dropout(x, p); the mask is a function of (seed, element index)."""
+    return _impl(x, kernels).dropout_add(x, residual, p, seed, 0)
 
 
-def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100):
-    """(sum of token losses in fp32, number of target tokens) of the LM head on hidden."""
-    return reference.linear_cross_entropy(hidden, weight, labels, ignore_index)
+def dropout_add_rms_norm(x, residual, weight, p: float, seed: int, eps: float, kernels: str = "auto"):
+    """(h, rms_norm(h)) with h = residual + dropout(x, p), in one pass on the kernel path."""
+    return _impl(x, kernels).dropout_add_rms_norm(x, residual, weight, p, seed, 0, eps)
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, kernels: str = "auto"):
+    """(sum of token losses in fp32, number of target tokens) of the LM head on hidden,
+    without materialising the [tokens, vocab] logits on the kernel path."""
+    return _impl(hidden, kernels).linear_cross_entropy(hidden, weight.to(hidden.dtype), labels, ignore_index)

@@ -13,7 +13,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, foreach=False)
+    return adamw(param_groups(model, weight_decay), lr, betas)
+
+
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float]):
+    """AdamW over prepared parameter groups (e.g. FSDP.param_groups: the shards only)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
 
 
 def lr_at(step: int, total_steps: int, lr: float, lr_end: float) -> float:

@@ -1,0 +1,325 @@
+"""Fully sharded data parallel, hand-written on torch.distributed collectives (gloo, NCCL).
+
+Units: the embeddings, each Block, and the final norm with the output head (with tied
+embeddings the norm joins the embedding unit, which then holds the head). A unit's
+parameters are laid end to end in one logical flat vector (weight-decayed matrices first,
+then the norms), padded to a multiple of the world size and split evenly: rank r keeps
+elements [r * S, (r + 1) * S) as its fp32 master shard. The optimizer steps only shards.
+
+Per unit and step: all-gather the shard (cast to `param_dtype`) into a full flat buffer just
+before the unit's forward, prefetching the next unit on CUDA (an async all-gather launched on a
+side stream; on CPU collectives run one at a time: overlapping gloo collectives gains nothing on
+a few cores and puts several gloo worker threads in flight at once), free the buffer's storage after forward, gather it again when
+the gradient reaches the unit's output, and reduce-scatter the gradient (`reduce_dtype`) into
+an fp32 shard gradient as soon as autograd has accumulated it. The last unit stays gathered
+from forward to backward (its backward follows at once).
+
+The model stays pure: FSDP removes the unit's nn.Parameters from the modules and sets plain
+attributes of the same names that are views into the gathered buffer; forward hooks and a
+gradient hook on each unit's output drive the collectives.
+
+Known limits: one unit is in flight ahead of the current one; no CPU offload; a model
+that uses a unit's parameters outside the unit's modules' forward (other than the head
+weight read by Llama.forward) is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# torch 2.13 deprecates the *_tensor collectives in favour of *_single; 2.11 has only the former.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class Slot:
+    """One parameter's place in its unit's flat vector."""
+
+    name: str  # qualified name in the model's state dict
+    module: nn.Module
+    attr: str
+    shape: torch.Size
+    offset: int
+    decay: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Unit:
+    """The flat, sharded parameters of a group of modules and the collectives that move them."""
+
+    def __init__(self, name: str, params: list[tuple[str, nn.Module, str]], group, rank: int, world: int,
+                 device: torch.device, param_dtype: torch.dtype, reduce_dtype: torch.dtype, free_after_forward: bool):
+        self.name, self.group, self.rank, self.world = name, group, rank, world
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+        self.free_after_forward = free_after_forward and world > 1
+        # Matrices first, so the weight-decayed part of every shard is one contiguous piece.
+        ordered = sorted(params, key=lambda p: getattr(p[1], p[2]).ndim < 2)
+        self.slots, offset = [], 0
+        for qualified, module, attr in ordered:
+            shape = getattr(module, attr).shape
+            self.slots.append(Slot(qualified, module, attr, shape, offset, len(shape) >= 2))
+            offset += math.prod(shape)
+        self.numel = offset
+        self.shard_numel = math.ceil(offset / world)
+        self.decay_numel = sum(s.numel for s in self.slots if s.decay)
+        self.shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
+        self.grad = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
+        self.pieces = self._pieces()
+        if world == 1 and param_dtype == torch.float32:
+            self.full = self.shard.data.requires_grad_()  # one rank, fp32: compute on the master itself
+        else:
+            self.full = torch.zeros(self.shard_numel * world, dtype=param_dtype, device=device).requires_grad_()
+        self.full.register_post_accumulate_grad_hook(lambda full: self.reduce_grad())
+        self._pending = None  # (work handle, send buffer, stream) of an all-gather in flight
+        self.gathered = True
+        # The embedding's backward never reads its weight, so it is not gathered again for it.
+        self.gather_for_backward = not name.startswith("tok_embeddings") or not self.free_after_forward
+
+    # ---- layout ------------------------------------------------------------------------
+    @property
+    def local_range(self) -> tuple[int, int]:
+        """This rank's [start, end) in the unit's padded flat vector."""
+        return self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
+
+    def _pieces(self) -> list[tuple[nn.Parameter, bool]]:
+        """The shard cut at the decay boundary: Parameters that alias the shard (optimizer targets)."""
+        lo, hi = self.local_range
+        cut = min(max(self.decay_numel - lo, 0), self.shard_numel)
+        pieces = []
+        for a, b, decay in ((0, cut, True), (cut, self.shard_numel, False)):
+            if b > a:
+                p = nn.Parameter(self.shard[a:b])
+                p.grad = self.grad[a:b]
+                pieces.append((p, decay))
+        return pieces
+
+    @torch.no_grad()
+    def write_range(self, start: int, values: torch.Tensor):
+        """Copy `values`, the logical flat vector's elements from `start` on, into what this rank holds."""
+        lo, hi = self.local_range
+        a, b = max(lo, start), min(hi, start + values.numel())
+        if b > a:
+            self.shard[a - lo:b - lo].copy_(values.reshape(-1)[a - start:b - start])
+
+    # ---- parameters in and out -----------------------------------------------------------
+    def gather(self, async_op: bool = False, stream=None):
+        """Fill the full buffer from every rank's shard (no-op when already there or in flight)."""
+        if self.gathered or self._pending is not None:
+            if not async_op:
+                self.wait()
+            return
+        storage = self.full.untyped_storage()
+        storage.resize_(self.full.numel() * self.full.element_size())
+        if self.world == 1:
+            with torch.no_grad():
+                self.full.data.copy_(self.shard)
+            self.gathered = True
+            return
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            send = self.shard.to(self.param_dtype)
+            work = _all_gather(self.full.data, send, group=self.group, async_op=True)
+        self._pending = (work, send, stream)
+        if not async_op:
+            self.wait()
+
+    def wait(self):
+        if self._pending is not None:
+            work, send, stream = self._pending
+            work.wait()
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)
+                send.record_stream(torch.cuda.current_stream())
+            self._pending = None
+            self.gathered = True
+
+    def bind(self):
+        """Point the modules' parameter names at fresh views of the full buffer (in forward,
+        with grad enabled, so the views link to the buffer in autograd)."""
+        for s in self.slots:
+            setattr(s.module, s.attr, self.full[s.offset:s.offset + s.numel].view(s.shape))
+
+    def free(self):
+        if self.world == 1 and self.param_dtype == torch.float32:
+            return
+        self.wait()
+        self.full.untyped_storage().resize_(0)
+        self.gathered = False
+
+    # ---- gradients -----------------------------------------------------------------------
+    @torch.no_grad()
+    def reduce_grad(self):
+        """Reduce-scatter the accumulated full gradient into this rank's fp32 shard gradient."""
+        full_grad = self.full.grad
+        self.full.grad = None
+        if self.world == 1:
+            self.grad.add_(full_grad)
+        else:
+            send = full_grad.to(self.reduce_dtype)
+            recv = torch.empty(self.shard_numel, dtype=self.reduce_dtype, device=send.device)
+            _reduce_scatter(recv, send, group=self.group)
+            self.grad.add_(recv)
+        self.free()  # until the next forward
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FSDP:
+    """The sharded form of a Llama: its units, hooks, and the helpers a training loop needs.
+
+    Build with `fully_shard`. Every method that says "collective" must be called by all ranks.
+    """
+
+    def __init__(self, model: nn.Module, units: list[Unit], group):
+        self.model, self.units, self.group = model, units, group
+
+    @property
+    def world(self) -> int:
+        return self.units[0].world
+
+    @property
+    def rank(self) -> int:
+        return self.units[0].rank
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups over the shard pieces: decay on matrices, none on norms."""
+        pieces = [pd for u in self.units for pd in u.pieces]
+        return [{"params": [p for p, d in pieces if d], "weight_decay": weight_decay},
+                {"params": [p for p, d in pieces if not d], "weight_decay": 0.0}]
+
+    def zero_grad(self):
+        for u in self.units:
+            u.grad.zero_()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale gradients so their global 2-norm is at most max_norm (collective); returns the norm."""
+        sq = torch.stack([u.grad.double().square().sum() for u in self.units]).sum()
+        if self.world > 1:
+            dist.all_reduce(sq, group=self.group)
+        norm = sq.sqrt().float()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for u in self.units:
+            u.grad.mul_(coef)
+        return norm
+
+    @torch.no_grad()
+    def full_tensors(self, unit: Unit) -> dict[str, torch.Tensor]:
+        """One unit's parameters as whole fp32 tensors, by state-dict name (collective)."""
+        if self.world == 1:
+            flat = unit.shard
+        else:
+            flat = torch.empty(unit.shard_numel * unit.world, dtype=torch.float32, device=unit.shard.device)
+            _all_gather(flat, unit.shard, group=self.group)
+        return {s.name: flat[s.offset:s.offset + s.numel].view(s.shape).clone() for s in unit.slots}
+
+    def state_dict_names(self) -> list[str]:
+        return [s.name for u in self.units for s in u.slots]
+
+
+def _unit_params(model: nn.Module) -> list[tuple[str, list[nn.Module], bool]]:
+    """(name, modules, free after forward) of each unit, in forward order."""
+    tied = model.output is None
+    head = [model.norm] if tied else [model.norm, model.output]
+    units = [("tok_embeddings", [model.tok_embeddings] + (head if tied else []), not tied)]
+    units += [(f"layers.{i}", [b], True) for i, b in enumerate(model.layers)]
+    if not tied:
+        units.append(("head", head, False))
+    return units
+
+
+def fully_shard(model: nn.Module, group=None, *, device: torch.device | str | None = None,
+                param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32) -> FSDP:
+    """Shard a Llama over `group` (None: a single process, no collectives) in place.
+
+    The model may live on the meta device: shards are then zero until filled (Unit.write_range,
+    hf.load_sharded). Otherwise each rank copies its slice of the current parameters.
+    """
+    if param_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"param_dtype must be float32, bfloat16 or float16, got {param_dtype}")
+    if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"reduce_dtype must be float32, bfloat16 or float16, got {reduce_dtype}")
+    rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+    first = next(model.parameters())
+    device = torch.device(device) if device is not None else (torch.device("cpu") if first.is_meta else first.device)
+    names = {id(m): n for n, m in model.named_modules()}
+    stream = torch.cuda.Stream(device) if device.type == "cuda" and world > 1 else None
+    units = []
+    for unit_name, modules, free_after in _unit_params(model):
+        params = [(f"{names[id(m)]}.{attr}", m, attr) for top in modules for m in top.modules()
+                  for attr, _ in m.named_parameters(recurse=False)]
+        originals = {q: getattr(m, a) for q, m, a in params}
+        unit = Unit(unit_name, params, group, rank, world, device, param_dtype, reduce_dtype, free_after)
+        for s in unit.slots:
+            if not originals[s.name].is_meta:
+                unit.write_range(s.offset, originals[s.name].detach().to(device, torch.float32))
+            del s.module._parameters[s.attr]
+        unit.bind()  # the names exist (shape, device, dtype) before the first forward
+        unit.free()
+        units.append(unit)
+    _install_hooks(model, units, stream)
+    return FSDP(model, units, group)
+
+
+def _install_hooks(model: nn.Module, units: list[Unit], stream):
+    modules = [ms for _, ms, _ in _unit_params(model)]
+    for i, unit in enumerate(units):
+        nxt = units[i + 1] if i + 1 < len(units) else None
+        prev = units[i - 1] if i > 0 else None
+        modules[i][0].register_forward_pre_hook(_pre_forward(unit, nxt, stream))
+        modules[i][0].register_forward_hook(_post_forward(unit, prev, stream))
+    model.register_forward_hook(_root_post_forward(units))
+
+
+def _pre_forward(unit: Unit, nxt: Unit | None, stream):
+    def hook(module, args):
+        unit.gather()
+        unit.bind()
+        if nxt is not None and stream is not None:
+            nxt.gather(async_op=True, stream=stream)
+    return hook
+
+
+def _post_forward(unit: Unit, prev: Unit | None, stream):
+    def hook(module, args, output):
+        if unit.free_after_forward:
+            unit.free()
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(_before_backward(unit, prev, stream))
+    return hook
+
+
+def _before_backward(unit: Unit, prev: Unit | None, stream):
+    """Runs when the gradient reaches the unit's output, before its backward (and recompute)."""
+    def hook(grad):
+        if unit.gather_for_backward:
+            unit.gather()
+        if prev is not None and prev.gather_for_backward and stream is not None:
+            prev.gather(async_op=True, stream=stream)
+        return grad
+    return hook
+
+
+def _root_post_forward(units: list[Unit]):
+    """Without a backward to come, units kept for it (the head) are freed now."""
+    def hook(module, args, output):
+        first = output[0] if isinstance(output, tuple) else output
+        if not (torch.is_grad_enabled() and first.requires_grad):
+            for u in units:
+                if u.gathered and not u.free_after_forward:
+                    u.free()
+    return hook

@@ -1,0 +1,146 @@
+"""Sharded train state: save, find the newest complete one, resume (on any number of ranks).
+
+    runs/<name>/state/step-<k>/
+        rank-<r>.safetensors   per unit: "<unit>.param", "<unit>.exp_avg", "<unit>.exp_avg_sq",
+                               rank r's fp32 slice of the unit's padded flat vector
+        state.json             world size, unit sizes, optimizer step, and the caller's progress
+                               (step, epoch, data position, RNG states, history), written last
+
+Every rank writes its file into a shared temporary folder; after a barrier rank 0 writes
+state.json and renames the folder into place, so a folder named step-<k> is always complete
+and a crash at any point leaves the previous state loadable. Loading reads, for each unit,
+only the slices of the old ranks' files that overlap this rank's new range: the flat vectors
+are the same logical vectors whatever the world size, only their padding differs. No pickle:
+safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def save_state(directory: str | Path, step: int, sharded, optimizer, progress: dict, keep: int = 2) -> Path:
+    """Write the state of `step` under directory/step-<step> (collective); returns the folder."""
+    directory = Path(directory)
+    final = directory / f"step-{step}"
+    tmp = directory / f".step-{step}.tmp"
+    if sharded.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(sharded)
+    save_file(_rank_tensors(sharded, optimizer), tmp / f"rank-{sharded.rank}.safetensors", metadata={"format": "pt"})
+    _barrier(sharded)
+    if sharded.rank == 0:
+        meta = {"step": step, "world": sharded.world, "optimizer_step": _optimizer_step(optimizer),
+                "units": {u.name: u.numel for u in sharded.units}, "progress": progress}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(complete_states(directory), key=_step_of)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(sharded)
+    return final
+
+
+def _rank_tensors(sharded, optimizer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for unit in sharded.units:
+        tensors[f"{unit.name}.param"] = unit.shard.detach().cpu().clone()
+        for moment in MOMENTS:
+            parts = [optimizer.state[p][moment] if p in optimizer.state else torch.zeros_like(p) for p, _ in unit.pieces]
+            tensors[f"{unit.name}.{moment}"] = torch.cat([t.detach().reshape(-1) for t in parts]).cpu()
+    return tensors
+
+
+def _optimizer_step(optimizer) -> float:
+    steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+    return steps[0] if steps else 0.0
+
+
+def complete_states(directory: str | Path) -> list[Path]:
+    """The complete state folders under directory (those with a state.json)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.glob("step-*") if (p / "state.json").is_file()]
+
+
+def latest_state(directory: str | Path) -> Path | None:
+    """The newest complete state under directory, or None."""
+    states = complete_states(directory)
+    return max(states, key=_step_of) if states else None
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+@torch.no_grad()
+def load_state(path: str | Path, sharded, optimizer) -> dict:
+    """Fill shards and optimizer moments from a saved state, resharding as needed; returns the
+    saved progress dict. Every rank reads only the slices that overlap its own ranges."""
+    path = Path(path)
+    meta_file = path / "state.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"--resume {path}: no state.json (not a complete train state)")
+    meta = json.loads(meta_file.read_text())
+    ours = {u.name: u.numel for u in sharded.units}
+    if meta["units"] != ours:
+        raise ValueError(f"--resume {path}: saved units {meta['units']} do not match this model's {ours}")
+    old_world = meta["world"]
+    files = [safe_open(str(path / f"rank-{q}.safetensors"), framework="pt", device="cpu") for q in range(old_world)]
+    for unit in sharded.units:
+        values = {kind: _read_range(files, f"{unit.name}.{kind}", *unit.local_range)
+                  for kind in ("param", *MOMENTS)}
+        unit.shard.copy_(values["param"])
+        for p, _ in unit.pieces:
+            start = p.data_ptr() - unit.shard.data_ptr()
+            offset, n = start // unit.shard.element_size(), p.numel()
+            optimizer.state[p] = {"step": torch.tensor(float(meta["optimizer_step"]), dtype=torch.float32),
+                                  **{m: values[m][offset:offset + n].clone().to(p.device) for m in MOMENTS}}
+    return meta["progress"]
+
+
+def _read_range(files, key: str, lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of the logical flat vector stored as equal slices across `files` (zeros
+    where the old padding or the vector's end lies)."""
+    out = torch.zeros(hi - lo, dtype=torch.float32)
+    start = 0
+    for f in files:
+        part = f.get_slice(key)
+        n = part.get_shape()[0]
+        a, b = max(lo, start), min(hi, start + n)
+        if b > a:
+            out[a - lo:b - lo] = part[a - start:b - start]
+        start += n
+    return out
+
+
+def _barrier(sharded):
+    if sharded.world > 1:
+        dist.barrier(group=sharded.group)
+
+
+def rng_state() -> dict:
+    """The torch RNG states (CPU and, when present, CUDA) as base64 strings."""
+    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict):
+    decode = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(decode(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
