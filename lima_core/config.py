@@ -183,6 +183,8 @@ class TrainConfig:
     """Epoch window (of 15) the exported checkpoint is chosen from; scaled to the number of epochs."""
     plot: bool = True
     """Write loss.png."""
+    kernels: str = "auto"
+    """Fused ops: triton (lima_kernels), torch (plain-torch references) or auto (triton on CUDA)."""
     checkpointing: str = "block"
     """Activation checkpointing of the blocks: none, block (recompute each block) or selective (keep matmul outputs)."""
     param_dtype: str = "fp32"
@@ -208,6 +210,8 @@ class TrainConfig:
             raise ConfigError(f"train.dropout must be in [0, 1) or -1 (auto), got {self.dropout}")
         if not (0 < self.top_p <= 1 and self.temperature >= 0 and self.repetition_penalty > 0):
             raise ConfigError("train: top_p in (0, 1], temperature >= 0 and repetition_penalty > 0 are required")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"train.kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.checkpointing not in ("none", "block", "selective"):
             raise ConfigError(f"train.checkpointing must be none, block or selective, got {self.checkpointing!r}")
         for name in ("param_dtype", "reduce_dtype"):

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -90,11 +90,11 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None) -> Run:
     torch.manual_seed(cfg.seed)
     if checkpoint.is_dir():
         with torch.device("meta"):
-            model = Llama(read_config(checkpoint))
+            model = Llama(replace(read_config(checkpoint), kernels=cfg.kernels))
         model.resize_vocab(tokenizer.vocab_size)
     else:
         mcfg = ModelConfig.from_name(cfg.model, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                                     eos_id=tokenizer.eos_id)
+                                     eos_id=tokenizer.eos_id, kernels=cfg.kernels)
         with torch.device(device):
             model = Llama(mcfg)
         model.init_weights(torch.Generator(device).manual_seed(cfg.seed))
