@@ -1,0 +1,62 @@
+"""Fine-tuning from an HF checkpoint on 1 and 2 ranks: the model is built on the meta device,
+each rank reads only its slices of the (multi-file) safetensors, the vocabulary grows by EOT,
+and the export streams unit by unit. With lr 0, AdamW changes nothing, so the export must
+equal the checkpoint that transformers wrote, plus the new EOT row (the mean of the others)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from helpers import ASSETS
+from lima_core.tokenizer import Tokenizer
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def exported_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A transformers checkpoint over the bundled tokenizer's base vocabulary, in several files."""
+    base_vocab = Tokenizer(ASSETS / "tokenizer.model").base_vocab_size
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=base_vocab, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path_factory.mktemp("ckpt")
+    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="60KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sliced_loading_and_streaming_export_round_trip(checkpoint, tmp_path, ranks):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(line + "\n" for line in (ASSETS / "train.jsonl").read_text().splitlines()[:4]))
+    args = ["-m", "lima_core.train", "--model", str(checkpoint), "--tokenizer", str(ASSETS / "tokenizer.model"),
+            "--data", str(data), "--dev-data", "", "--out-dir", str(tmp_path / "runs"), "--name", "t",
+            "--epochs", "1", "--batch-size", "4", "--lr", "0", "--lr-end", "0", "--plot", "false"]
+    launcher = [sys.executable] if ranks == 1 else [TORCHRUN, "--standalone", "--nproc_per_node", str(ranks)]
+    result = subprocess.run(launcher + args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    original = exported_tensors(checkpoint)
+    exported = exported_tensors(tmp_path / "runs" / "t" / "epoch-1")
+    assert set(exported) == set(original)
+    for key, value in original.items():
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert exported[key].shape[0] == value.shape[0] + 1  # EOT appended
+            assert torch.equal(exported[key][:-1], value)
+            # The new row is the mean of the old ones (computed in float64, stored in fp32).
+            torch.testing.assert_close(exported[key][-1], value.double().mean(0).float(), rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(exported[key], value), key
