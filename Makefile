@@ -13,7 +13,7 @@ setup: $(STAMP)
 
 # torch first (the local CPU wheel), then the build backend, then the project in place,
 # built against that torch (--no-build-isolation), with every version pinned by requirements.lock.
-$(STAMP): pyproject.toml requirements.lock CMakeLists.txt
+$(STAMP): pyproject.toml requirements.lock CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) scikit-build-core==1.1.2

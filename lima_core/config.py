@@ -185,6 +185,10 @@ class TrainConfig:
     """Write loss.png."""
     kernels: str = "auto"
     """Fused ops: triton (lima_kernels), torch (plain-torch references) or auto (triton on CUDA)."""
+    fused_adamw: bool = True
+    """Use the native fused AdamW (csrc/) when it is built; torch.optim.AdamW otherwise."""
+    moment_dtype: str = "fp32"
+    """AdamW moments: fp32, or bf16 stored with stochastic rounding (half the optimizer memory; native op only)."""
     checkpointing: str = "block"
     """Activation checkpointing of the blocks: none, block (recompute each block) or selective (keep matmul outputs)."""
     param_dtype: str = "fp32"
@@ -214,7 +218,7 @@ class TrainConfig:
             raise ConfigError(f"train.kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.checkpointing not in ("none", "block", "selective"):
             raise ConfigError(f"train.checkpointing must be none, block or selective, got {self.checkpointing!r}")
-        for name in ("param_dtype", "reduce_dtype"):
+        for name in ("param_dtype", "reduce_dtype", "moment_dtype"):
             if getattr(self, name) not in ("fp32", "bf16"):
                 raise ConfigError(f"train.{name} must be fp32 or bf16, got {getattr(self, name)!r}")
         if self.save_every < 0:

@@ -1,6 +1,9 @@
-"""AdamW and LIMA's learning-rate schedule (linear from lr to lr_end, no warmup)."""
+"""AdamW (the native fused op of csrc/, else torch's) and LIMA's learning-rate schedule
+(linear from lr to lr_end, no warmup)."""
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -12,12 +15,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float):
-    return adamw(param_groups(model, weight_decay), lr, betas)
+def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, **options):
+    return adamw(param_groups(model, weight_decay), lr, betas, **options)
 
 
-def adamw(groups: list[dict], lr: float, betas: tuple[float, float]):
-    """AdamW over prepared parameter groups (e.g. FSDP.param_groups: the shards only)."""
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], *, fused: bool = True,
+          moment_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
+    """AdamW over prepared parameter groups (e.g. FSDP.param_groups: the shards only).
+
+    fused: the native op (one pass over parameter, gradient and moments) when lima_core._C is
+    built, else torch.optim.AdamW with a one-line notice. moment_dtype bfloat16 halves the
+    optimizer state (moments stored with stochastic rounding) and needs the native op."""
+    from lima_core import fused_adamw
+
+    if fused and fused_adamw.available():
+        return fused_adamw.FusedAdamW(groups, lr=lr, betas=betas, moment_dtype=moment_dtype)
+    if moment_dtype != torch.float32:
+        why = "it was not asked for" if not fused else fused_adamw.unavailable_reason()
+        raise ValueError(f"moment_dtype {moment_dtype} needs the native fused AdamW, which is not in use: {why}")
+    if fused:
+        print(f"lima-core: using torch.optim.AdamW: {fused_adamw.unavailable_reason()}", file=sys.stderr)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
 
 

@@ -98,6 +98,7 @@ def load_state(path: str | Path, sharded, optimizer) -> dict:
     if meta["units"] != ours:
         raise ValueError(f"--resume {path}: saved units {meta['units']} do not match this model's {ours}")
     old_world = meta["world"]
+    moment_dtype = getattr(optimizer, "moment_dtype", torch.float32)  # bf16 with the native op's option
     files = [safe_open(str(path / f"rank-{q}.safetensors"), framework="pt", device="cpu") for q in range(old_world)]
     for unit in sharded.units:
         values = {kind: _read_range(files, f"{unit.name}.{kind}", *unit.local_range)
@@ -107,7 +108,8 @@ def load_state(path: str | Path, sharded, optimizer) -> dict:
             start = p.data_ptr() - unit.shard.data_ptr()
             offset, n = start // unit.shard.element_size(), p.numel()
             optimizer.state[p] = {"step": torch.tensor(float(meta["optimizer_step"]), dtype=torch.float32),
-                                  **{m: values[m][offset:offset + n].clone().to(p.device) for m in MOMENTS}}
+                                  **{m: values[m][offset:offset + n].to(p.device, moment_dtype).clone()
+                                     for m in MOMENTS}}
     return meta["progress"]
 
 

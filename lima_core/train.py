@@ -170,7 +170,8 @@ def train(run: Run) -> dict:
     cfg, model, device, lead = run.cfg, run.model, run.device, run.rank == 0
     dtype = DTYPES[cfg.dtype]
     sharded = shard(run)
-    optimizer = adamw(sharded.param_groups(cfg.weight_decay), cfg.lr, (cfg.beta1, cfg.beta2))
+    optimizer = adamw(sharded.param_groups(cfg.weight_decay), cfg.lr, (cfg.beta1, cfg.beta2), fused=cfg.fused_adamw,
+                      moment_dtype=DTYPES[cfg.moment_dtype])
     steps_per_epoch = math.ceil(len(run.train) / run.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     progress = resume(run, sharded, optimizer)
