@@ -2,19 +2,25 @@
 
     python -m lima_core.plan --model llama-65b --gpus 64 --gpu-memory 80
 
-Per GPU: fp32 master parameter shard, fp32 gradient shard, AdamW moments (2 x fp32), gathered
+Per GPU: fp32 master parameter shard, fp32 gradient shard, AdamW moments (2 x fp32, or 2 x bf16
+with `--moment-dtype bf16`), gathered
 units in flight (the unit computing, the one prefetched, and a unit's full gradient buffer),
-and activations of one micro-batch. Activations are counted per token from the tensors
-autograd saves (measured on the reference CPU path, tests/test_plan.py):
-  per block, no checkpointing: 4 d + 4 f + 4 h*hd + 3 kv*hd values (norm inputs/outputs,
-  q/k/v and their rotations, attention output, the SwiGLU intermediates);
-  head: 2 d values plus the fp32 logits row (V);
-  "block" keeps each block's input (d) and recomputes one block at a time;
-  "selective" also keeps the matmul outputs (q, k, v, attention, wo, gate, up, down).
+and the peak of one micro-batch's activations (`activation_bytes`: every tensor a training
+step's forward and backward allocate, parameter gradients aside).
 Communication per step and rank (ring collectives move (G-1)/G of the buffer): all-gather of
 every unit in forward and again in backward (but the embedding and the head), and a
 reduce-scatter of every unit's gradient, per micro-batch.
-Known limits: FlashAttention's workspace and allocator fragmentation are not modelled.
+
+Activations are those of the plain-torch path (`--kernels torch`, what CPU runs), derived op by
+op from what it keeps for backward (the formula is in `activation_bytes`) and checked against
+the measured peak on CPU (tests/test_plan.py). Known limits: the Triton path (the CUDA default)
+keeps less: its norms keep their input and 1/rms only (2 d values per Block fewer), and its fused
+linear-cross-entropy keeps the head's gradients, computed in forward, instead of the
+[tokens, vocab] log-probs. On CPU, packed rows add an [s, s] fp32 attention mask per Block
+(CUDA's varlen attention has none). Not modelled: memory a kernel allocates and frees inside one
+op (FlashAttention's workspace and backward accumulators; on CPU in bf16, the attention
+backward's fp32 buffers), the RNG state torch.utils.checkpoint saves per Block (5 KB), and
+allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -54,31 +60,94 @@ def unit_sizes(cfg: ModelConfig) -> list[int]:
     return [embed] + [block] * cfg.n_layers + [cfg.dim + cfg.vocab_size * cfg.dim]
 
 
-def activation_values_per_token(cfg: ModelConfig, checkpointing: str) -> float:
-    d, f, hq, hkv = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    full_block = 4 * d + 4 * f + 4 * hq + 3 * hkv
-    head = 2 * d + 2 * cfg.head_dim  # norm in/out, rotary cos/sin (shared by all blocks)
+def activation_bytes(cfg: ModelConfig, checkpointing: str, tokens: int, p: int) -> int:
+    """Peak bytes of activations in the forward and backward of one micro-batch of T = `tokens`,
+    on the plain-torch path in a compute dtype of p bytes; F = 4 bytes for what that path keeps
+    in fp32 (norm inputs and statistics, attention logsumexp, logits). Parameter gradients are
+    not activations (see `plan`). With d = dim, f = ffn_dim, h = n_heads, hd = head_dim,
+    hq = h hd, hkv = n_kv_heads hd, V = vocab_size, L = n_layers, per token:
+
+      norm      = F d + F + 2 p d         an RMSNorm saves its input in fp32 (an fp32 copy when
+                                          p < F), 1/rms, x/rms cast back, and weight * that
+      saved     = 2 norm + p (2 hq + 2 hkv + 4 f) + F h
+                                          a Block without checkpointing: rotated q and k, v, the
+                                          attention output and its logsumexp (h per token),
+                                          SwiGLU's gate, up, silu(gate) and product
+      grad      = p (d + 2 f)             a Block's backward at its widest: the gradients of its
+                                          output, of the SwiGLU product and of one factor
+      shared    = 2 p hd                  rotary cos and sin, one copy for all Blocks
+      head      = F d + F + p d + F d     the final norm (input, 1/rms, x/rms) and the fp32 copy of
+                                          its output the logits are computed from
+      kept      = saved                   none
+                | p d                     block: the Block's input
+                | p (3 d + 2 hq + 2 hkv + 2 f) + F h
+                                          selective: the input and every matmul and attention
+                                          output (q, k, v, attention and logsumexp, wo, gate,
+                                          up, down)
+      recompute = saved                   none: a Block's tensors in its backward
+                | p d + saved - overlap   block: its input and its recomputed saved tensors
+                | p d + saved - overlap + p d
+                                          selective: the same, and the cached down-projection
+                                          output, never consumed, as recomputation stops at the
+                                          last tensor backward needs
+      overlap   = F d when p == F         the kept input is then the norm's fp32 input itself
+
+    and per micro-batch, W = F V d when p < F (the head weight's fp32 copy the logits are
+    computed with), G = F V d when p < F or embeddings are tied (the fp32 weight gradient the
+    logits matmul returns; with an untied fp32 head it is the parameter's gradient itself),
+    E = p V d with tied embeddings (the head's share of the shared weight's gradient, held by
+    autograd until the embedding's share joins it at the end of backward), else 0 each:
+
+      peak = max(T (shared + L kept + head) + max(3 F V T + W, F V T + F d T + W + G),
+                 T (shared + (L - 1) kept + recompute + grad) + E,
+                 T p d + 2 E)
+
+    The three moments: the head's backward (everything kept; then the fp32 log-probs, their
+    gradient and the logits' gradient; or the logits' gradient with those of the hidden states
+    and of the weight), the last Block's backward (its whole saved set and gradients, the other
+    Blocks' kept tensors), and the embedding's backward (both shares of a tied weight's
+    gradient). Not a moment here: the final norm's backward (about 6 F d temporaries over what
+    is kept), which can exceed the head's only when V is below about 2 d (no LLaMA shape).
+    """
+    F = 4
+    d, f, h, hd, V, L = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.head_dim, cfg.vocab_size, cfg.n_layers
+    hq, hkv = h * hd, cfg.n_kv_heads * hd
+    norm = F * d + F + 2 * p * d
+    saved = 2 * norm + p * (2 * hq + 2 * hkv + 4 * f) + F * h
+    grad = p * (d + 2 * f)
+    shared = 2 * p * hd
+    head = F * d + F + p * d + F * d
+    overlap = F * d if p == F else 0
     if checkpointing == "none":
-        return cfg.n_layers * full_block + head
-    if checkpointing == "block":
-        return cfg.n_layers * d + full_block + head
-    if checkpointing == "selective":
-        kept = d + 2 * hq + 2 * hkv + 2 * d + 3 * f
-        return cfg.n_layers * kept + (full_block - kept + d) + head
-    raise ValueError(f"--checkpointing must be none, block or selective, got {checkpointing!r}")
+        kept, recompute = saved, saved
+    elif checkpointing == "block":
+        kept, recompute = p * d, p * d + saved - overlap
+    elif checkpointing == "selective":
+        kept = p * (3 * d + 2 * hq + 2 * hkv + 2 * f) + F * h
+        recompute = p * d + saved - overlap + p * d
+    else:
+        raise ValueError(f"--checkpointing must be none, block or selective, got {checkpointing!r}")
+    T, tied = tokens, cfg.tie_embeddings
+    W = F * V * d if p < F else 0
+    G = F * V * d if p < F or tied else 0
+    E = p * V * d if tied else 0
+    head_backward = T * (shared + L * kept + head) + max(3 * F * V * T + W, F * V * T + F * d * T + W + G)
+    block_backward = T * (shared + (L - 1) * kept + recompute + grad) + E
+    embedding_backward = T * p * d + 2 * E
+    return max(head_backward, block_backward, embedding_backward)
 
 
 def plan(cfg: ModelConfig, gpus: int, *, seq: int = 2048, micro_batch: int = 1, checkpointing: str = "block",
-         param_dtype: str = "bf16") -> Plan:
+         param_dtype: str = "bf16", moment_dtype: str = "fp32") -> Plan:
     sizes = unit_sizes(cfg)
     shard = sum(math.ceil(n / gpus) for n in sizes)
     p = BYTES[param_dtype]
     tokens = seq * micro_batch
-    acts = activation_values_per_token(cfg, checkpointing) * tokens * p + cfg.vocab_size * tokens * 4
     ring = (gpus - 1) / gpus
     gathered = sum(sizes[1:-1]) if not cfg.tie_embeddings else sum(sizes[1:])
-    return Plan(gpus, params=4 * shard, grads=4 * shard, optimizer=8 * shard,
-                in_flight=3 * max(sizes) * p if gpus > 1 else 0, activations=int(acts),
+    return Plan(gpus, params=4 * shard, grads=4 * shard, optimizer=2 * BYTES[moment_dtype] * shard,
+                in_flight=3 * max(sizes) * p if gpus > 1 else 0,
+                activations=activation_bytes(cfg, checkpointing, tokens, p),
                 gather_bytes=int(ring * (sum(sizes) + gathered) * p),
                 reduce_bytes=int(ring * sum(sizes) * 4))
 
@@ -112,16 +181,19 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--checkpointing", default="block", choices=["none", "block", "selective"])
     ap.add_argument("--param-dtype", default="bf16", choices=list(BYTES))
+    ap.add_argument("--moment-dtype", default="fp32", choices=list(BYTES), help="AdamW moments (bf16: native op)")
     ap.add_argument("--mfu", type=float, default=0.4)
     ap.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak per GPU (H100 SXM: 989)")
     ap.add_argument("--link-gbps", type=float, default=400, help="per-GPU network bandwidth, Gbit/s")
     a = ap.parse_args(argv)
     cfg = ModelConfig.from_name(a.model)
-    kw = dict(seq=a.seq, micro_batch=a.micro_batch, checkpointing=a.checkpointing, param_dtype=a.param_dtype)
+    kw = dict(seq=a.seq, micro_batch=a.micro_batch, checkpointing=a.checkpointing, param_dtype=a.param_dtype,
+              moment_dtype=a.moment_dtype)
     p = plan(cfg, a.gpus, **kw)
     gib = 2**30
     print(f"{a.model}: {cfg.num_params() / 1e9:.1f}B parameters, {len(unit_sizes(cfg))} FSDP units, {a.gpus} GPUs, "
-          f"seq {a.seq} x micro-batch {a.micro_batch}, checkpointing {a.checkpointing}, compute in {a.param_dtype}")
+          f"seq {a.seq} x micro-batch {a.micro_batch}, checkpointing {a.checkpointing}, compute in {a.param_dtype}, "
+          f"AdamW moments in {a.moment_dtype}")
     for name in ("params", "grads", "optimizer", "in_flight", "activations"):
         print(f"  {name:<12} {getattr(p, name) / gib:8.2f} GiB")
     print(f"  {'total':<12} {p.total / gib:8.2f} GiB of {a.gpu_memory:.0f} GiB: "
