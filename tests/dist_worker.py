@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+import helpers
+
 from lima_core.config import ModelConfig
-from lima_core.data import IGNORE, Example
+from lima_core.data import Example
 from lima_core.model import Llama
 from lima_core.optim import build_optimizer, lr_at, set_lr
 from lima_core.train import step_loss
@@ -33,17 +35,7 @@ def tiny_model(seed: int = 0) -> Llama:
 
 
 def random_batches(n_steps: int, batch: int = 7, seed: int = 0) -> list[list[Example]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_steps):
-        examples = []
-        for _ in range(batch):
-            n = int(torch.randint(4, 30, (1,), generator=g))
-            ids = torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist()
-            prompt = int(torch.randint(1, n - 1, (1,), generator=g))
-            examples.append(Example(ids, [IGNORE] * prompt + ids[prompt + 1:] + [IGNORE]))
-        out.append(examples)
-    return out
+    return helpers.random_batches(n_steps, batch, TINY["vocab_size"], seed)
 
 
 def train_reference(model: Llama, steps: int = STEPS) -> list[float]:

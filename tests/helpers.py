@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from lima_core.data import IGNORE, Example
+
 ASSETS = Path(__file__).parents[1] / "lima_core" / "assets"
 
 # Shapes that exercise every code path: grouped-query attention, odd widths, a non-default
@@ -40,3 +42,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error in the 2-norm (the measure the parity targets are stated in)."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def random_batches(n_steps: int, batch: int, vocab: int, seed: int = 0) -> list[list[Example]]:
+    """Global batches of random examples, each with a random prompt (no loss) before its targets."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_steps):
+        examples = []
+        for _ in range(batch):
+            n = int(torch.randint(4, 30, (1,), generator=g))
+            ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+            prompt = int(torch.randint(1, n - 1, (1,), generator=g))  # loss only after the "prompt"
+            labels = [IGNORE] * prompt + ids[prompt + 1:] + [IGNORE]
+            examples.append(Example(ids, labels))
+        out.append(examples)
+    return out

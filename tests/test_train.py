@@ -10,28 +10,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from helpers import ASSETS, make_hf_model, rel_err
+from helpers import ASSETS, make_hf_model, random_batches, rel_err
 from lima_core import train as train_module
 from lima_core.config import load_train_config
-from lima_core.data import IGNORE, Example
+from lima_core.data import IGNORE
 from lima_core.hf import hf_key, load_pretrained
 from lima_core.optim import build_optimizer, lr_at, set_lr
 from lima_core.train import step_loss
-
-
-def random_batches(n_steps, batch, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_steps):
-        examples = []
-        for _ in range(batch):
-            n = int(torch.randint(4, 30, (1,), generator=g))
-            ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-            prompt = int(torch.randint(1, n - 1, (1,), generator=g))  # loss only after the "prompt"
-            labels = [IGNORE] * prompt + ids[prompt + 1:] + [IGNORE]
-            examples.append(Example(ids, labels))
-        out.append(examples)
-    return out
 
 
 def test_five_steps_equal_transformers_with_torch_adamw(tmp_path):
