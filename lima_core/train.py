@@ -8,6 +8,7 @@ naming the file and line (or the argument) and exits with status 2, leaving no r
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -21,13 +22,13 @@ import torch
 from lima_core import ops
 from lima_core.config import PRESETS, ConfigError, ModelConfig, TrainConfig, load_train_config
 from lima_core.data import IGNORE, DataError, Example, Row, encode_conversation, epoch_batches, pack, read_conversations
-from lima_core.sampling import answer
 from lima_core.hf import load_sharded, read_config, save_sharded
 from lima_core.model import Llama
 from lima_core.optim import adamw, lr_at, set_lr
 from lima_core.parallelize import parallelize
-from lima_core.state import latest_state, load_state, rng_state, save_state, set_rng_state
 from lima_core.report import choose_epoch, plot_losses, write_json
+from lima_core.sampling import answer
+from lima_core.state import latest_state, load_state, rng_state, save_state, set_rng_state
 from lima_core.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -298,11 +299,15 @@ def main(argv=None):
         sys.exit(2)
     run.group, run.rank, run.world = group, rank, world
     try:
-        summary = train_and_report(run)
+        return train_and_report(run)
     finally:
         if group is not None:
+            # The sharded model's hooks hold the process group in reference cycles; a gloo group
+            # left to interpreter finalization aborts the process now and then ("terminate called
+            # without an active exception", pytorch#179291). Free them while Python is alive.
+            run = None
+            gc.collect()
             torch.distributed.destroy_process_group()
-    return summary
 
 
 def train_and_report(run: Run) -> dict:

@@ -7,6 +7,7 @@ FSDP or with PyTorch's FSDP2, and writes (rank 0) OUT/losses.json and OUT/weight
 plus every rank's held bytes in OUT/bytes-<rank>.json.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -117,6 +118,9 @@ def main():
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps(losses))
         save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
+    # Free the sharded model (its hooks hold the group) before the group: see lima_core.train.main.
+    model = None
+    gc.collect()
     dist.destroy_process_group()
 
 
