@@ -3,7 +3,7 @@
 #   1. install the project in place (builds csrc/ with its CUDA sources);
 #   2. measure the ceilings: device-to-device copy bandwidth and bf16 8192^3 matmul TFLOP/s;
 #   3. run the GPU tests (compiled Triton kernels: TRITON_INTERPRET=0);
-#   4. run the benchmarks into $OUT/bench.json;
+#   4. run the benchmarks into $OUT/bench.json, and (4b) the FSDP step comparison (bench/fsdp_step.py);
 #   5. copy the results to bench/results/<date>-<gpu>.json (and $OUT) and print a short table.
 # Optional comparators travel as wheels in .wheels/ (e.g. liger-kernel, pure Python):
 #   pip download --no-deps -d .wheels liger-kernel   # on a machine with network; carry .wheels
@@ -41,14 +41,22 @@ $PY -m pytest bench/ -q -p no:cacheprovider -m "not slow" --benchmark-json="$OUT
 BENCH_RC=$?
 grep -E "passed|failed|error" "$OUT/bench.log" | tail -3
 
-echo "== 5. summary"
 DATE=$(date +%Y-%m-%d)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-')
+
+echo "== 4b. FSDP step on one GPU (NCCL): lima-core FSDP vs no FSDP vs FSDP2, ~1B parameters"
+$PY -m torch.distributed.run --standalone --nproc_per_node 1 bench/fsdp_step.py "$OUT/fsdp_step.json" \
+    >"$OUT/fsdp_step.log" 2>&1
+FSDP_RC=$?
+if [ -f "$OUT/fsdp_step.json" ]; then cat "$OUT/fsdp_step.json"; cp "$OUT/fsdp_step.json" "bench/results/${DATE}-${GPU}-fsdp-step.json"
+else tail -20 "$OUT/fsdp_step.log"; fi
+
+echo "== 5. summary"
 RESULT="${DATE}-${GPU}.json"
 if [ -f "$OUT/bench.json" ]; then
     $PY bench/summarize.py "$OUT/bench.json" --copy-to "bench/results/$RESULT" --copy-to "$OUT/$RESULT"
 else
     echo "no bench.json (benchmarks failed, see bench.log)"; tail -30 "$OUT/bench.log"
 fi
-echo "gpu tests rc=$GPU_TESTS_RC  bench rc=$BENCH_RC"
-exit $(( GPU_TESTS_RC != 0 || BENCH_RC != 0 ))
+echo "gpu tests rc=$GPU_TESTS_RC  bench rc=$BENCH_RC  fsdp step rc=$FSDP_RC"
+exit $(( GPU_TESTS_RC != 0 || BENCH_RC != 0 || FSDP_RC != 0 ))
