@@ -25,6 +25,7 @@ weight read by Llama.forward) is not supported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -124,7 +125,7 @@ class Unit:
                 self.full.data.copy_(self.shard)
             self.gathered = True
             return
-        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             send = self.shard.to(self.param_dtype)
             work = _all_gather(self.full.data, send, group=self.group, async_op=True)
         self._pending = (work, send, stream)
@@ -168,14 +169,6 @@ class Unit:
             _reduce_scatter(recv, send, group=self.group)
             self.grad.add_(recv)
         self.free()  # until the next forward
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class FSDP:

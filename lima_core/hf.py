@@ -6,6 +6,7 @@ permutation). Every export is written into a temporary folder and renamed into p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -146,10 +147,15 @@ def save_pretrained(model: Llama, path: str | Path, tokenizer=None, *, dtype: to
     with atomic_dir(path) as tmp:
         tensors = {hf_key(k): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
         _write_shards(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.cfg, tokenizer), indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        _write_configs(tmp, model.cfg, dtype, tokenizer)
+
+
+def _write_configs(directory: Path, cfg: ModelConfig, dtype: torch.dtype, tokenizer):
+    """config.json, generation_config.json and the tokenizer files of an export."""
+    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(generation_config(cfg, tokenizer), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory)
 
 
 def generation_config(cfg: ModelConfig, tokenizer=None) -> dict:
@@ -219,13 +225,11 @@ def save_sharded(sharded, path: str | Path, tokenizer=None, *, dtype: torch.dtyp
 
     path = Path(path)
     files = _plan_files(sharded.units, torch.finfo(dtype).bits // 8, max_shard_bytes)
-    writer = atomic_dir(path) if sharded.rank == 0 else None
-    tmp = writer.__enter__() if writer else None
-    try:
+    with atomic_dir(path) if sharded.rank == 0 else contextlib.nullcontext() as tmp:  # tmp: None off rank 0
         weight_map, total = {}, 0
         for i, units in enumerate(files, start=1):
             tensors = {}
-            for unit in units:
+            for unit in units:  # a collective: every rank gathers every unit
                 tensors.update({hf_key(k): v.to("cpu", dtype) for k, v in sharded.full_tensors(unit).items()})
             if tmp is None:
                 continue
@@ -237,17 +241,7 @@ def save_sharded(sharded, path: str | Path, tokenizer=None, *, dtype: torch.dtyp
             if len(files) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            model = sharded.model
-            (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.cfg, tokenizer), indent=2) + "\n")
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-    except BaseException as e:
-        if writer:
-            writer.__exit__(type(e), e, e.__traceback__)
-        raise
-    if writer:
-        writer.__exit__(None, None, None)
+            _write_configs(tmp, sharded.model.cfg, dtype, tokenizer)
     if sharded.world > 1:
         dist.barrier(group=sharded.group)  # the export exists for every rank once this returns
 
