@@ -11,12 +11,14 @@ TRAIN_CONFIG ?= configs/tiny.toml
 
 setup: $(STAMP)
 
-# torch first (the local CPU wheel), then the build backend, then the project in place,
-# built against that torch (--no-build-isolation), with every version pinned by requirements.lock.
-$(STAMP): pyproject.toml requirements.lock CMakeLists.txt $(wildcard csrc/*)
+# torch first (the local CPU wheel), then the build backend, then lima_kernels (pure Python, its
+# own package) and lima-core in place, built against that torch (--no-build-isolation), with
+# every version pinned by requirements.lock.
+$(STAMP): pyproject.toml kernels/pyproject.toml requirements.lock CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) scikit-build-core==1.1.2
+	$(PIP) --no-build-isolation -e ./kernels
 	$(PIP) --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 

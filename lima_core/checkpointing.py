@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-POLICIES = ("none", "block", "selective")
+from lima_core.config import CHECKPOINTING
 
 # Matmul-like ops whose outputs the selective policy keeps (the expensive part to recompute).
 _SAVE = {
@@ -49,8 +49,8 @@ def _checkpointed(forward, context_fn):
 
 def apply_checkpointing(blocks: nn.ModuleList | list[nn.Module], policy: str):
     """Make each block recompute its forward in backward according to `policy` (in place)."""
-    if policy not in POLICIES:
-        raise ValueError(f"checkpointing must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if policy not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got {policy!r}")
     if policy == "none":
         return
     context_fn = _selective_context if policy == "selective" else _noop_context

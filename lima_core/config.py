@@ -1,7 +1,12 @@
-"""Configuration: the model shapes (LLaMA presets) and the LIMA training recipe.
+"""Configuration: the model shapes (LLaMA presets) and a run's settings (the LIMA recipe).
 
-Precedence is defaults < TOML file < command line. An unknown key is an error, never a
-silent default. `__post_init__` validates and does no I/O.
+A run's settings are four sections, one TOML table each: `[train]` (data, epochs, batch,
+dtype, ...), `[optim]` (AdamW and the schedule), `[parallel]` (checkpointing, FSDP dtypes) and
+`[sampling]` (LIMA's nucleus sampling, used by dev generations, `lima_core.chat` and every
+export's generation_config.json). Every field is also a flag (`--batch-size 32`). Precedence is
+defaults < TOML file < flags. An unknown key is an error, never a silent default; a bad value
+names where it came from (`file.toml:LINE` or `--flag`). pydantic validates; nothing here does I/O
+but reading the TOML file.
 """
 
 from __future__ import annotations
@@ -9,9 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -66,8 +74,6 @@ class ModelConfig:
     """Beginning-of-sequence token id, recorded in the HF export."""
     eos_id: int = 2
     """End-of-sequence token id, recorded in the HF export."""
-    kernels: str = "auto"
-    """Fused ops: triton (lima_kernels), torch (plain-torch references) or auto (triton on CUDA)."""
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -76,8 +82,6 @@ class ModelConfig:
             if self.dim % self.n_heads:
                 raise ConfigError(f"model: dim {self.dim} is not divisible by n_heads {self.n_heads}")
             self.head_dim = self.dim // self.n_heads
-        if self.kernels not in ("auto", "triton", "torch"):
-            raise ConfigError(f"model: kernels must be auto, triton or torch, got {self.kernels!r}")
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = _build(RopeScaling, self.rope_scaling, "model.rope_scaling")
         if self.n_heads % self.n_kv_heads:
@@ -128,9 +132,21 @@ PRESETS: dict[str, dict] = {
 
 ASSETS = Path(__file__).parent / "assets"
 
+# ---- the run: one section a table of the TOML file ----------------------------------------
 
-@dataclass
-class TrainConfig:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""The dtype names a run's settings use, and the torch dtypes they mean."""
+DType = Literal["fp32", "bf16"]
+CHECKPOINTING = ("none", "block", "selective")
+"""Activation checkpointing policies (lima_core.checkpointing says what each keeps)."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors; the docstring under each field is its description (--help).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class TrainConfig(_Section):
     """One fine-tuning run. Defaults are the LIMA recipe (Zhou et al. 2023, section 2.3)."""
 
     name: str = "lima"
@@ -145,87 +161,112 @@ class TrainConfig:
     """Training conversations, LIMA JSONL."""
     dev_data: str = str(ASSETS / "dev.jsonl")
     """Dev conversations (LIMA used 50): dev loss and generations each epoch. Empty to skip."""
-    epochs: int = 15
+    epochs: int = Field(15, ge=1)
     """Passes over the training data."""
-    batch_size: int = 0
+    batch_size: int = Field(0, ge=0)
     """Examples per optimizer step; 0 means LIMA's choice: 32 for models of 30B and more, else 64."""
-    max_len: int = 2048
+    max_len: int = Field(2048, ge=1)
     """Longest example in tokens; longer ones are truncated. Also the length of a packed row."""
-    lr: float = 1e-5
-    """Learning rate at the first step."""
-    lr_end: float = 1e-6
-    """Learning rate at the last step, reached linearly, no warmup."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 disables."""
     dropout: float = -1.0
     """Residual dropout at the top layer (linear from 0 at the bottom); -1 means LIMA's: 0.3 above 50B, else 0.2."""
-    dtype: str = "fp32"
-    """Parameter and compute dtype: fp32 or bf16."""
-    device: str = "auto"
+    dtype: DType = "fp32"
+    """Compute dtype (autocast): fp32 or bf16. Master weights and optimizer state stay fp32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """cpu, cuda, or auto (cuda when available)."""
     seed: int = 1234
     """Seed of initialisation, data order and dropout masks."""
-    gen_max_tokens: int = 2048
-    """Longest generated dev answer (LIMA: 2048)."""
-    top_p: float = 0.9
-    """Nucleus sampling mass for dev generations."""
-    temperature: float = 0.7
-    """Sampling temperature for dev generations."""
-    repetition_penalty: float = 1.2
-    """Repetition penalty for dev generations."""
     select_epochs: tuple[int, int] = (5, 10)
     """Epoch window (of 15) the exported checkpoint is chosen from; scaled to the number of epochs."""
-    plot: bool = True
-    """Write loss.png."""
-    kernels: str = "auto"
+    kernels: Literal["auto", "triton", "torch"] = "auto"
     """Fused ops: triton (lima_kernels), torch (plain-torch references) or auto (triton on CUDA)."""
-    fused_adamw: bool = True
-    """Use the native fused AdamW (csrc/) when it is built; torch.optim.AdamW otherwise."""
-    moment_dtype: str = "fp32"
-    """AdamW moments: fp32, or bf16 stored with stochastic rounding (half the optimizer memory; native op only)."""
-    checkpointing: str = "block"
-    """Activation checkpointing of the blocks: none, block (recompute each block) or selective (keep matmul outputs)."""
-    param_dtype: str = "fp32"
-    """Dtype of the gathered compute parameters (fp32 or bf16); master shards are always fp32."""
-    reduce_dtype: str = "fp32"
-    """Dtype gradients are reduce-scattered in (fp32 or bf16); shard gradients accumulate in fp32."""
-    save_every: int = 0
+    save_every: int = Field(0, ge=0)
     """Save the sharded train state every this many steps; 0 means at the end of each epoch."""
     resume: str = ""
     """Resume from a train state: empty (start fresh), auto (the newest complete one of this run) or a path."""
+    plot: bool = True
+    """Write loss.png."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <out_dir>/<name>/tensorboard/."""
 
-    def __post_init__(self):
-        if self.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"train.dtype must be fp32 or bf16, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        for name in ("epochs", "max_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 0:
-            raise ConfigError(f"train.batch_size must be >= 0, got {self.batch_size}")
-        if not (self.dropout == -1.0 or 0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"train.dropout must be in [0, 1) or -1 (auto), got {self.dropout}")
-        if not (0 < self.top_p <= 1 and self.temperature >= 0 and self.repetition_penalty > 0):
-            raise ConfigError("train: top_p in (0, 1], temperature >= 0 and repetition_penalty > 0 are required")
-        if self.kernels not in ("auto", "triton", "torch"):
-            raise ConfigError(f"train.kernels must be auto, triton or torch, got {self.kernels!r}")
-        if self.checkpointing not in ("none", "block", "selective"):
-            raise ConfigError(f"train.checkpointing must be none, block or selective, got {self.checkpointing!r}")
-        for name in ("param_dtype", "reduce_dtype", "moment_dtype"):
-            if getattr(self, name) not in ("fp32", "bf16"):
-                raise ConfigError(f"train.{name} must be fp32 or bf16, got {getattr(self, name)!r}")
-        if self.save_every < 0:
-            raise ConfigError(f"train.save_every must be >= 0, got {self.save_every}")
-        self.select_epochs = tuple(self.select_epochs)
-        if len(self.select_epochs) != 2 or not 1 <= self.select_epochs[0] <= self.select_epochs[1]:
-            raise ConfigError(f"train.select_epochs must be [first, last] with 1 <= first <= last, got {self.select_epochs}")
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_rate(cls, p: float) -> float:
+        if not (p == -1.0 or 0.0 <= p < 1.0):
+            raise ValueError("must be in [0, 1), or -1 for LIMA's choice")
+        return p
+
+    @field_validator("select_epochs")
+    @classmethod
+    def _window(cls, window: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= window[0] <= window[1]:
+            raise ValueError("must be [first, last] with 1 <= first <= last")
+        return window
+
+    def residual_dropout(self, n_params: int) -> float:
+        """The top layer's dropout rate: as set, or LIMA's (0.3 for 65B, 0.2 for smaller models)."""
+        return self.dropout if self.dropout >= 0 else (0.3 if n_params > 50e9 else 0.2)
+
+    def global_batch(self, n_params: int) -> int:
+        """Examples per step: as set, or LIMA's (32 from 30B on, 64 below)."""
+        return self.batch_size or (32 if n_params >= 30e9 else 64)
+
+
+class OptimConfig(_Section):
+    """AdamW and LIMA's schedule: linear decay from lr to lr_end, no warmup."""
+
+    lr: float = Field(1e-5, ge=0)
+    """Learning rate at the first step."""
+    lr_end: float = Field(1e-6, ge=0)
+    """Learning rate at the last step, reached linearly, no warmup."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW beta2."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW decoupled weight decay (matrices only, not norm weights)."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this; 0 disables."""
+    fused_adamw: bool = True
+    """Use the native fused AdamW (csrc/) when it is built; torch.optim.AdamW otherwise."""
+    moment_dtype: DType = "fp32"
+    """AdamW moments: fp32, or bf16 stored with stochastic rounding (half the optimizer memory; native op only)."""
+
+
+class ParallelConfig(_Section):
+    """How the model is spread over ranks and what is kept for backward."""
+
+    checkpointing: Literal[CHECKPOINTING] = "block"
+    """Activation checkpointing of the blocks: none, block (recompute each block) or selective (keep matmul outputs)."""
+    param_dtype: DType | None = None
+    """Dtype FSDP gathers parameters in for compute; unset means train.dtype. Master shards are always fp32."""
+    reduce_dtype: DType = "fp32"
+    """Dtype gradients are reduce-scattered in; shard gradients accumulate in fp32."""
+
+
+class SamplingConfig(_Section):
+    """LIMA's sampling (section 2.3): dev generations, `lima_core.chat` and the exports' generation_config.json."""
+
+    max_new_tokens: int = Field(2048, ge=1)
+    """Longest generated answer in tokens."""
+    temperature: float = Field(0.7, ge=0)
+    """Softmax temperature; 0 is greedy decoding."""
+    top_p: float = Field(0.9, gt=0, le=1)
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    repetition_penalty: float = Field(1.2, gt=0)
+    """CTRL's penalty on tokens already in the context (1 disables it)."""
+
+
+class Config(_Section):
+    """A run's whole configuration: `[train]`, `[optim]`, `[parallel]` and `[sampling]` tables."""
+
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return DTYPES[self.parallel.param_dtype or self.train.dtype]
 
 
 def _build(cls, values: dict, where: str):
@@ -240,61 +281,91 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _parse_value(text: str, annotation: str):
-    """A command-line string as the field's type (TOML syntax for lists)."""
-    if annotation == "str":
-        return text
-    if annotation == "bool":
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"expected true or false, got {text!r}")
-    return tomllib.loads(f"v = {text}")["v"]
+# ---- loading: defaults < TOML < flags, every error naming where the value came from --------
+
+_SECTIONS = {name: field.annotation for name, field in Config.model_fields.items()}
+_FLAGS = {f"--{key.replace('_', '-')}": (section, key) for section, cls in _SECTIONS.items() for key in cls.model_fields}
 
 
-def load_train_config(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from defaults < `--config FILE.toml` < `--key value` flags."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
-    parser = argparse.ArgumentParser(prog="python -m lima_core.train", description=TrainConfig.__doc__)
-    parser.add_argument("--config", help="TOML file with a [train] table")
-    docs = _field_docs(TrainConfig)
-    for name, f in fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
-                            help=f"{docs.get(name, '')} (default: {f.default})")
-    args = parser.parse_args(argv)
-
-    values: dict = {}
+def load_config(argv: list[str] | None = None) -> Config:
+    """Config from defaults < `--config FILE.toml` < `--key value` flags (every field is a flag)."""
+    args = _parser().parse_args(argv)
+    values: dict[str, dict] = {section: {} for section in _SECTIONS}
+    sources: dict[tuple[str, str], str] = {}
     if args.config:
-        path = Path(args.config)
-        try:
-            table = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-        unknown = sorted(set(table) - {"train"})
-        if unknown:
-            raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [train]")
-        values.update(table.get("train", {}))
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) in [train]: {', '.join(unknown)}")
-    for name in fields:
-        text = getattr(args, name)
+        _read_toml(Path(args.config), values, sources)
+    for flag, (section, key) in _FLAGS.items():
+        text = getattr(args, f"{section}.{key}")
         if text is not None:
-            annotation = {str: "str", bool: "bool"}.get(hints[name], "other")
-            try:
-                values[name] = _parse_value(text, annotation)
-            except (ValueError, tomllib.TOMLDecodeError) as e:
-                raise ConfigError(f"--{name.replace('_', '-')}: cannot parse {text!r}: {e}") from None
-    return _build(TrainConfig, values, "train config")
+            values[section][key] = _flag_value(text, _SECTIONS[section].model_fields[key].annotation)
+            sources[section, key] = flag
+    try:
+        return Config(**values)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, sources)) from None
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field (its one-line description)."""
-    import ast
-    import inspect
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lima_core.train", description=Config.__doc__)
+    parser.add_argument("--config", help="TOML file with [train], [optim], [parallel] and [sampling] tables")
+    for flag, (section, key) in _FLAGS.items():
+        field = _SECTIONS[section].model_fields[key]
+        parser.add_argument(flag, dest=f"{section}.{key}", default=None, metavar="VALUE",
+                            help=f"[{section}] {field.description} (default: {field.default})")
+    return parser
 
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {node.target.id: doc.value.value for node, doc in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+
+def _read_toml(path: Path, values: dict[str, dict], sources: dict[tuple[str, str], str]):
+    try:
+        text = path.read_text()
+        tables = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for section, table in tables.items():
+        if section not in _SECTIONS or not isinstance(table, dict):
+            raise ConfigError(f"{path}:{_line_of(text, section, None)}: unknown table [{section}]; "
+                              f"known: {', '.join(f'[{s}]' for s in _SECTIONS)}")
+        values[section].update(table)
+        for key in table:
+            sources[section, key] = f"{path}:{_line_of(text, section, key)}"
+
+
+def _line_of(text: str, section: str, key: str | None) -> int:
+    """The line of `key = ...` in `[section]`, else of `[section]` itself (1 if neither is found)."""
+    current, found = None, 1
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            current = stripped.strip("[] ")
+            if current == section:
+                found = number
+                if key is None:
+                    return number
+        elif current == section and stripped.split("=", 1)[0].strip() == key:
+            return number
+    return found
+
+
+def _flag_value(text: str, annotation):
+    """A flag's text as TOML when the field is not a string (lists, numbers); pydantic validates."""
+    if annotation is str:
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # e.g. `true`/`yes` for a bool, or a bad value pydantic will name
+
+
+def _explain(error: ValidationError, sources: dict[tuple[str, str], str]) -> str:
+    """One line an error: where the value came from (file:line or flag), the key and what is wrong."""
+    lines = []
+    for e in error.errors():
+        section, key = (e["loc"] + (None, None))[:2]
+        where = sources.get((section, key), "default")
+        if e["type"] == "extra_forbidden":
+            known = ", ".join(_SECTIONS[section].model_fields) if section in _SECTIONS else ""
+            lines.append(f"{where}: unknown key {key!r} in [{section}]; known: {known}")
+        else:
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {section}.{key} = {e.get('input')!r}: {message}")
+    return "; ".join(lines)

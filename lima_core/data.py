@@ -10,6 +10,7 @@ restart at 0 in each, so no padding is ever computed.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,29 @@ def _row(examples: list[Example]) -> Row:
     positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)  # [1, n]
     cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)  # [k + 1]
     return Row(tokens, labels, positions, cu_seqlens, max(lengths))
+
+
+@dataclass
+class RankBatch:
+    """One rank's share of a global batch: its rows, each with the row's index in the global
+    batch (None for an idle row: a rank with fewer rows runs an all-ignored copy of a row, so
+    every rank issues the same collectives), and the global batch's counts."""
+
+    rows: list[tuple[int | None, Row]]
+    num_targets: int
+    """Target tokens of the whole global batch: the loss is normalized by it on every rank."""
+    num_tokens: int
+    """Tokens of the whole global batch."""
+
+
+def shard_batch(batch: list[Example], max_len: int, rank: int = 0, world: int = 1) -> RankBatch:
+    """Pack the global batch (every rank the same way, no collective) and take rows[rank::world]."""
+    rows = pack(batch, max_len)
+    mine: list[tuple[int | None, Row]] = [(i, rows[i]) for i in range(rank, len(rows), world)]
+    idle = Row(rows[0].tokens, torch.full_like(rows[0].labels, IGNORE), rows[0].positions, rows[0].cu_seqlens,
+               rows[0].max_seqlen)
+    mine += [(None, idle)] * (math.ceil(len(rows) / world) - len(mine))
+    return RankBatch(mine, sum(r.num_targets for r in rows), sum(r.tokens.numel() for r in rows))
 
 
 def epoch_batches(examples: list[Example], batch_size: int, epoch: int, seed: int) -> list[list[Example]]:

@@ -1,26 +1,33 @@
 """Fully sharded data parallel, hand-written on torch.distributed collectives (gloo, NCCL).
 
-Units: the embeddings, each Block, and the final norm with the output head (with tied
-embeddings the norm joins the embedding unit, which then holds the head). A unit's
-parameters are laid end to end in one logical flat vector (weight-decayed matrices first,
-then the norms), padded to a multiple of the world size and split evenly: rank r keeps
-elements [r * S, (r + 1) * S) as its fp32 master shard. The optimizer steps only shards.
+`fully_shard(root, units, group)` shards whatever list of units it is given (a `UnitSpec`: a
+name, the modules whose parameters it holds in forward order, and two flags) and names nothing
+of the model; lima_core.parallelize builds LLaMA's list. A unit's parameters are laid end to end
+in one logical flat vector (weight-decayed matrices first, then vectors), padded to a multiple
+of the world size and split evenly: rank r keeps elements [r * S, (r + 1) * S) as its fp32
+master shard. The optimizer steps only shards. A parameter shared by two modules of a unit (a
+tied LM head) has one slot; both modules see the same gathered view.
 
 Per unit and step: all-gather the shard (cast to `param_dtype`) into a full flat buffer just
-before the unit's forward, prefetching the next unit on CUDA (an async all-gather launched on a
-side stream; on CPU collectives run one at a time: overlapping gloo collectives gains nothing on
-a few cores and puts several gloo worker threads in flight at once), free the buffer's storage after forward, gather it again when
-the gradient reaches the unit's output, and reduce-scatter the gradient (`reduce_dtype`) into
-an fp32 shard gradient as soon as autograd has accumulated it. The last unit stays gathered
-from forward to backward (its backward follows at once).
+before the unit's first module runs, prefetching the next unit on CUDA (an async all-gather on
+a side stream; on CPU collectives run one at a time: overlapping gloo collectives gains nothing
+on a few cores), free the buffer's storage after the unit's last module when
+`reshard_after_forward`, gather it again when the gradient reaches what that module returned (when
+`gather_for_backward`), and reduce-scatter the gradient (`reduce_dtype`) into an fp32 shard
+gradient as soon as autograd has accumulated it.
 
 The model stays pure: FSDP removes the unit's nn.Parameters from the modules and sets plain
 attributes of the same names that are views into the gathered buffer; forward hooks and a
-gradient hook on each unit's output drive the collectives.
+gradient hook on what the unit's last module returns drive the collectives.
 
-Known limits: one unit is in flight ahead of the current one; no CPU offload; a model
-that uses a unit's parameters outside the unit's modules' forward (other than the head
-weight read by Llama.forward) is not supported.
+Public interface for saving, loading and exporting (lima_core.state and lima_core.hf use only
+this): `FSDP.units`; a `Unit`'s `name`, `numel`, `slots` (each parameter's state-dict name,
+shape and offset in the flat vector), `local_range`, `shard`, `pieces` (optimizer parameters
+with their offset in the shard) and `write_range` (load part of the flat vector);
+`FSDP.full_tensors(unit)` (one unit's whole tensors, collective).
+
+Known limits: one unit is in flight ahead of the current one; no CPU offload; a module must not
+read a unit's parameters outside the forward of that unit's modules.
 """
 
 from __future__ import annotations
@@ -39,12 +46,25 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 
 @dataclass
-class Slot:
-    """One parameter's place in its unit's flat vector."""
+class UnitSpec:
+    """What to shard as one unit, and when its parameters must be present."""
 
-    name: str  # qualified name in the model's state dict
-    module: nn.Module
-    attr: str
+    name: str
+    modules: list[nn.Module]
+    """Modules whose parameters the unit holds, in the order the forward calls them."""
+    reshard_after_forward: bool = True
+    """Free the gathered parameters after the last module's forward (False: keep them for a
+    backward that follows at once, or for a later module that reads them again)."""
+    gather_for_backward: bool = True
+    """Gather again for backward (False when no module reads its parameters there: an embedding)."""
+
+
+@dataclass
+class Slot:
+    """One parameter's place in its unit's flat vector, and the attributes that show it."""
+
+    name: str  # qualified name in the root module's state dict
+    holders: list[tuple[nn.Module, str]]  # (module, attribute name); several when shared
     shape: torch.Size
     offset: int
     decay: bool
@@ -54,20 +74,29 @@ class Slot:
         return math.prod(self.shape)
 
 
+@dataclass
+class Piece:
+    """A part of a rank's shard the optimizer steps: a Parameter aliasing shard[offset:offset + numel]."""
+
+    param: nn.Parameter
+    offset: int
+    decay: bool
+
+
 class Unit:
     """The flat, sharded parameters of a group of modules and the collectives that move them."""
 
-    def __init__(self, name: str, params: list[tuple[str, nn.Module, str]], group, rank: int, world: int,
-                 device: torch.device, param_dtype: torch.dtype, reduce_dtype: torch.dtype, free_after_forward: bool):
-        self.name, self.group, self.rank, self.world = name, group, rank, world
+    def __init__(self, spec: UnitSpec, params: list[tuple[str, list[tuple[nn.Module, str]], torch.Size]], group,
+                 rank: int, world: int, device: torch.device, param_dtype: torch.dtype, reduce_dtype: torch.dtype):
+        self.name, self.group, self.rank, self.world = spec.name, group, rank, world
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.free_after_forward = free_after_forward and world > 1
+        self.free_after_forward = spec.reshard_after_forward and world > 1
+        self.gather_for_backward = spec.gather_for_backward or not self.free_after_forward
         # Matrices first, so the weight-decayed part of every shard is one contiguous piece.
-        ordered = sorted(params, key=lambda p: getattr(p[1], p[2]).ndim < 2)
+        ordered = sorted(params, key=lambda p: len(p[2]) < 2)
         self.slots, offset = [], 0
-        for qualified, module, attr in ordered:
-            shape = getattr(module, attr).shape
-            self.slots.append(Slot(qualified, module, attr, shape, offset, len(shape) >= 2))
+        for qualified, holders, shape in ordered:
+            self.slots.append(Slot(qualified, holders, shape, offset, len(shape) >= 2))
             offset += math.prod(shape)
         self.numel = offset
         self.shard_numel = math.ceil(offset / world)
@@ -82,8 +111,6 @@ class Unit:
         self.full.register_post_accumulate_grad_hook(lambda full: self.reduce_grad())
         self._pending = None  # (work handle, send buffer, stream) of an all-gather in flight
         self.gathered = True
-        # The embedding's backward never reads its weight, so it is not gathered again for it.
-        self.gather_for_backward = not name.startswith("tok_embeddings") or not self.free_after_forward
 
     # ---- layout ------------------------------------------------------------------------
     @property
@@ -91,7 +118,7 @@ class Unit:
         """This rank's [start, end) in the unit's padded flat vector."""
         return self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
 
-    def _pieces(self) -> list[tuple[nn.Parameter, bool]]:
+    def _pieces(self) -> list[Piece]:
         """The shard cut at the decay boundary: Parameters that alias the shard (optimizer targets)."""
         lo, hi = self.local_range
         cut = min(max(self.decay_numel - lo, 0), self.shard_numel)
@@ -100,7 +127,7 @@ class Unit:
             if b > a:
                 p = nn.Parameter(self.shard[a:b])
                 p.grad = self.grad[a:b]
-                pieces.append((p, decay))
+                pieces.append(Piece(p, a, decay))
         return pieces
 
     @torch.no_grad()
@@ -146,7 +173,9 @@ class Unit:
         """Point the modules' parameter names at fresh views of the full buffer (in forward,
         with grad enabled, so the views link to the buffer in autograd)."""
         for s in self.slots:
-            setattr(s.module, s.attr, self.full[s.offset:s.offset + s.numel].view(s.shape))
+            view = self.full[s.offset:s.offset + s.numel].view(s.shape)
+            for module, attr in s.holders:
+                setattr(module, attr, view)
 
     def free(self):
         if self.world == 1 and self.param_dtype == torch.float32:
@@ -172,7 +201,7 @@ class Unit:
 
 
 class FSDP:
-    """The sharded form of a Llama: its units, hooks, and the helpers a training loop needs.
+    """The sharded form of a model: its units, hooks, and the helpers a training loop needs.
 
     Build with `fully_shard`. Every method that says "collective" must be called by all ranks.
     """
@@ -190,9 +219,9 @@ class FSDP:
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups over the shard pieces: decay on matrices, none on norms."""
-        pieces = [pd for u in self.units for pd in u.pieces]
-        return [{"params": [p for p, d in pieces if d], "weight_decay": weight_decay},
-                {"params": [p for p, d in pieces if not d], "weight_decay": 0.0}]
+        pieces = [piece for u in self.units for piece in u.pieces]
+        return [{"params": [p.param for p in pieces if p.decay], "weight_decay": weight_decay},
+                {"params": [p.param for p in pieces if not p.decay], "weight_decay": 0.0}]
 
     def zero_grad(self):
         for u in self.units:
@@ -204,11 +233,11 @@ class FSDP:
         sq = torch.stack([u.grad.double().square().sum() for u in self.units]).sum()
         if self.world > 1:
             dist.all_reduce(sq, group=self.group)
-        norm = sq.sqrt().float()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        total = sq.sqrt().float()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for u in self.units:
             u.grad.mul_(coef)
-        return norm
+        return total
 
     @torch.no_grad()
     def full_tensors(self, unit: Unit) -> dict[str, torch.Tensor]:
@@ -224,80 +253,85 @@ class FSDP:
         return [s.name for u in self.units for s in u.slots]
 
 
-def _unit_params(model: nn.Module) -> list[tuple[str, list[nn.Module], bool]]:
-    """(name, modules, free after forward) of each unit, in forward order."""
-    tied = model.output is None
-    head = [model.norm] if tied else [model.norm, model.output]
-    units = [("tok_embeddings", [model.tok_embeddings] + (head if tied else []), not tied)]
-    units += [(f"layers.{i}", [b], True) for i, b in enumerate(model.layers)]
-    if not tied:
-        units.append(("head", head, False))
-    return units
-
-
-def fully_shard(model: nn.Module, group=None, *, device: torch.device | str | None = None,
+def fully_shard(root: nn.Module, units: list[UnitSpec], group=None, *, device: torch.device | str | None = None,
                 param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32) -> FSDP:
-    """Shard a Llama over `group` (None: a single process, no collectives) in place.
+    """Shard the parameters of `units` (every parameter of `root`, each in one unit) over `group`
+    (None: a single process, no collectives), in place.
 
     The model may live on the meta device: shards are then zero until filled (Unit.write_range,
     hf.load_sharded). Otherwise each rank copies its slice of the current parameters.
     """
-    if param_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"param_dtype must be float32, bfloat16 or float16, got {param_dtype}")
-    if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"reduce_dtype must be float32, bfloat16 or float16, got {reduce_dtype}")
+    for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
     rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
-    first = next(model.parameters())
+    first = next(root.parameters())
     device = torch.device(device) if device is not None else (torch.device("cpu") if first.is_meta else first.device)
-    names = {id(m): n for n, m in model.named_modules()}
     stream = torch.cuda.Stream(device) if device.type == "cuda" and world > 1 else None
-    units = []
-    for unit_name, modules, free_after in _unit_params(model):
-        params = [(f"{names[id(m)]}.{attr}", m, attr) for top in modules for m in top.modules()
-                  for attr, _ in m.named_parameters(recurse=False)]
-        originals = {q: getattr(m, a) for q, m, a in params}
-        unit = Unit(unit_name, params, group, rank, world, device, param_dtype, reduce_dtype, free_after)
-        for s in unit.slots:
-            if not originals[s.name].is_meta:
-                unit.write_range(s.offset, originals[s.name].detach().to(device, torch.float32))
-            del s.module._parameters[s.attr]
+    names = {id(p): n for n, p in root.named_parameters()}
+    sharded = []
+    for spec in units:
+        params = _unit_params(spec, names)
+        unit = Unit(spec, [(n, holders, p.shape) for n, (p, holders) in params.items()], group, rank, world,
+                    device, param_dtype, reduce_dtype)
+        for slot in unit.slots:
+            original = params[slot.name][0]
+            if not original.is_meta:
+                unit.write_range(slot.offset, original.detach().to(device, torch.float32))
+            for module, attr in slot.holders:
+                del module._parameters[attr]
         unit.bind()  # the names exist (shape, device, dtype) before the first forward
         unit.free()
-        units.append(unit)
-    _install_hooks(model, units, stream)
-    return FSDP(model, units, group)
+        sharded.append(unit)
+    missing = set(names.values()) - {s.name for u in sharded for s in u.slots}
+    if missing:
+        raise ValueError(f"fully_shard: parameters in no unit: {', '.join(sorted(missing))}")
+    _install_hooks(units, sharded, stream)
+    root.register_forward_hook(_root_post_forward(sharded))
+    return FSDP(root, sharded, group)
 
 
-def _install_hooks(model: nn.Module, units: list[Unit], stream):
-    modules = [ms for _, ms, _ in _unit_params(model)]
-    for i, unit in enumerate(units):
+def _unit_params(spec: UnitSpec, names: dict[int, str]) -> dict[str, tuple[nn.Parameter, list]]:
+    """state-dict name -> (Parameter, [(module, attribute), ...]) of a unit, shared ones once."""
+    params: dict[str, tuple[nn.Parameter, list]] = {}
+    for top in spec.modules:
+        for module in top.modules():
+            for attr, p in module.named_parameters(recurse=False):
+                params.setdefault(names[id(p)], (p, []))[1].append((module, attr))
+    return params
+
+
+def _install_hooks(specs: list[UnitSpec], units: list[Unit], stream):
+    for i, (spec, unit) in enumerate(zip(specs, units)):
         nxt = units[i + 1] if i + 1 < len(units) else None
         prev = units[i - 1] if i > 0 else None
-        modules[i][0].register_forward_pre_hook(_pre_forward(unit, nxt, stream))
-        modules[i][0].register_forward_hook(_post_forward(unit, prev, stream))
-    model.register_forward_hook(_root_post_forward(units))
+        for module in spec.modules:
+            module.register_forward_pre_hook(_pre_forward(unit, nxt, stream, first=module is spec.modules[0]))
+        spec.modules[-1].register_forward_hook(_post_forward(unit, prev, stream))
 
 
-def _pre_forward(unit: Unit, nxt: Unit | None, stream):
+def _pre_forward(unit: Unit, nxt: Unit | None, stream, first: bool):
     def hook(module, args):
-        unit.gather()
-        unit.bind()
-        if nxt is not None and stream is not None:
+        if first or not unit.gathered:
+            unit.gather()
+            unit.bind()
+        if first and nxt is not None and stream is not None:
             nxt.gather(async_op=True, stream=stream)
     return hook
 
 
 def _post_forward(unit: Unit, prev: Unit | None, stream):
-    def hook(module, args, output):
+    def hook(module, args, result):
         if unit.free_after_forward:
             unit.free()
-        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(_before_backward(unit, prev, stream))
+        first = result[0] if isinstance(result, tuple) else result
+        if torch.is_grad_enabled() and isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(_before_backward(unit, prev, stream))
     return hook
 
 
 def _before_backward(unit: Unit, prev: Unit | None, stream):
-    """Runs when the gradient reaches the unit's output, before its backward (and recompute)."""
+    """Runs when the gradient reaches what the unit returned, before its backward (and recompute)."""
     def hook(grad):
         if unit.gather_for_backward:
             unit.gather()
@@ -308,9 +342,9 @@ def _before_backward(unit: Unit, prev: Unit | None, stream):
 
 
 def _root_post_forward(units: list[Unit]):
-    """Without a backward to come, units kept for it (the head) are freed now."""
-    def hook(module, args, output):
-        first = output[0] if isinstance(output, tuple) else output
+    """Without a backward to come, units kept for it are freed now."""
+    def hook(module, args, result):
+        first = result[0] if isinstance(result, tuple) else result
         if not (torch.is_grad_enabled() and first.requires_grad):
             for u in units:
                 if u.gathered and not u.free_after_forward:

@@ -8,52 +8,23 @@ nearest even, or stochastically when a seed is given). Gradients may be fp32 or 
 fp32, or bf16 stored with stochastic rounding.
 
 `available()` says whether the library loaded; `unavailable_reason()` says why not (callers
-then fall back to torch.optim.AdamW: DESIGN.md, decision 9). Known limit: with bf16 moments and
+then fall back to torch.optim.AdamW: DESIGN.md, decision 9); both come from lima_core.native,
+which loads the library once for every native op. Known limit: with bf16 moments and
 no seed, every tensor's moment rounding draws from the same (step, element index) stream, so
 rounding errors are correlated across tensors (each is still unbiased).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 
 import torch
 
-_LIBRARY = "_C.so"
+# Re-exported (fused_adamw.available() is this module's API): lima_core.native loads the
+# library once for every native op.
+from lima_core.native import available, unavailable_reason
 
-
-def _load() -> str | None:
-    """Loads lima_core/_C.so; returns None, or why it could not."""
-    import lima_core
-
-    # An editable install puts the built library in site-packages/lima_core, which
-    # lima_core.__path__ lists before the source folder; a wheel has one folder.
-    for folder in lima_core.__path__:
-        path = os.path.join(folder, _LIBRARY)
-        if os.path.isfile(path):
-            try:
-                torch.ops.load_library(path)
-            except (OSError, RuntimeError) as e:
-                return f"lima_core._C failed to load from {path}: {e}"
-            return None
-    return "lima_core._C not built (build it: pip install --no-build-isolation -e .)"
-
-
-_REASON = _load()
-
-
-def available() -> bool:
-    """True when the native op is registered."""
-    return _REASON is None
-
-
-def unavailable_reason() -> str:
-    """Why the native op is missing ("" when it is available)."""
-    return _REASON or ""
-
-
-if _REASON is None:
+if available():
 
     @torch.library.register_fake("lima::fused_adamw_")
     def _fused_adamw_fake(param, grad, exp_avg, exp_avg_sq, param_copy, *, lr, beta1, beta2, eps,

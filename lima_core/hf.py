@@ -9,16 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lima_core.config import ConfigError, ModelConfig, RopeScaling
+from lima_core.config import ConfigError, ModelConfig, RopeScaling, SamplingConfig
+from lima_core.io import atomic_dir, write_json
 from lima_core.model import Llama
 
 # Our parameter names -> HF's, per block ({} is the layer index).
@@ -37,8 +36,6 @@ _TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight"
              "output.weight": "lm_head.weight"}
 _TO_OURS = {v: k for k, v in _TOP_KEYS.items()} | {f"model.layers.{{}}.{v}": f"layers.{{}}.{k}" for k, v in _BLOCK_KEYS.items()}
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_key(key: str) -> str:
@@ -99,7 +96,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
-        "dtype": {v: k for k, v in DTYPES.items()}[dtype],
+        "dtype": str(dtype).removeprefix("torch."),  # HF spells torch.bfloat16 "bfloat16"
     }
 
 
@@ -140,29 +137,30 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
 
 
 def save_pretrained(model: Llama, path: str | Path, tokenizer=None, *, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 5 * 2**30):
+                    sampling: SamplingConfig = SamplingConfig(), max_shard_bytes: int = 5 * 2**30):
     """Write an HF checkpoint folder atomically: config, generation config, safetensors, tokenizer."""
     path = Path(path)
     dtype = dtype or model.tok_embeddings.weight.dtype
     with atomic_dir(path) as tmp:
         tensors = {hf_key(k): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
         _write_shards(tensors, tmp, max_shard_bytes)
-        _write_configs(tmp, model.cfg, dtype, tokenizer)
+        _write_configs(tmp, model.cfg, dtype, tokenizer, sampling)
 
 
-def _write_configs(directory: Path, cfg: ModelConfig, dtype: torch.dtype, tokenizer):
+def _write_configs(directory: Path, cfg: ModelConfig, dtype: torch.dtype, tokenizer, sampling: SamplingConfig):
     """config.json, generation_config.json and the tokenizer files of an export."""
-    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
-    (directory / "generation_config.json").write_text(json.dumps(generation_config(cfg, tokenizer), indent=2) + "\n")
+    write_json(directory / "config.json", config_to_hf(cfg, dtype))
+    write_json(directory / "generation_config.json", generation_config(cfg, tokenizer, sampling))
     if tokenizer is not None:
         tokenizer.save(directory)
 
 
-def generation_config(cfg: ModelConfig, tokenizer=None) -> dict:
-    """LIMA's sampling settings; generation stops on EOS and on EOT."""
+def generation_config(cfg: ModelConfig, tokenizer=None, sampling: SamplingConfig = SamplingConfig()) -> dict:
+    """The run's sampling settings (LIMA's by default); generation stops on EOS and on EOT."""
     eos = [cfg.eos_id] if tokenizer is None else [tokenizer.eos_id, tokenizer.eot_id]
-    return {"bos_token_id": cfg.bos_id, "eos_token_id": eos, "do_sample": True, "top_p": 0.9,
-            "temperature": 0.7, "repetition_penalty": 1.2, "max_new_tokens": 2048}
+    return {"bos_token_id": cfg.bos_id, "eos_token_id": eos, "do_sample": sampling.temperature > 0,
+            "top_p": sampling.top_p, "temperature": sampling.temperature,
+            "repetition_penalty": sampling.repetition_penalty, "max_new_tokens": sampling.max_new_tokens}
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int):
@@ -183,39 +181,14 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
         save_file({k: tensors[k] for k in keys}, directory / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-class atomic_dir:
-    """`with atomic_dir(path) as tmp:` fills tmp; on success tmp replaces path, on error it is removed."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-        if self.path.exists():
-            self.path.rename(old)
-        self.tmp.rename(self.path)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
+    write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 # ---- sharded models (lima_core.fsdp): streaming export, sliced import -----------------------
 
 
-def save_sharded(sharded, path: str | Path, tokenizer=None, *, dtype: torch.dtype = torch.float32,
-                 max_shard_bytes: int = 5 * 2**30):
+def save_sharded(sharded, cfg: ModelConfig, path: str | Path, tokenizer=None, *, dtype: torch.dtype = torch.float32,
+                 sampling: SamplingConfig = SamplingConfig(), max_shard_bytes: int = 5 * 2**30):
     """Export a sharded model in HF format; a collective (every rank calls it), rank 0 writes.
 
     Units are gathered one at a time and written file by file, so no rank ever holds more
@@ -239,9 +212,8 @@ def save_sharded(sharded, path: str | Path, tokenizer=None, *, dtype: torch.dtyp
             total += sum(t.numel() * t.element_size() for t in tensors.values())
         if tmp is not None:
             if len(files) > 1:
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            _write_configs(tmp, sharded.model.cfg, dtype, tokenizer)
+                write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+            _write_configs(tmp, cfg, dtype, tokenizer, sampling)
     if sharded.world > 1:
         dist.barrier(group=sharded.group)  # the export exists for every rank once this returns
 

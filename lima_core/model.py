@@ -8,7 +8,8 @@ from 0 at the bottom layer to `p_top` at the last, masks from a counter-based RN
 
 The forward takes packed rows (`cu_seqlens` marks example boundaries, positions restart per
 example) or plain `[batch, seq]` ids. It knows nothing of sharding, checkpointing or kernel
-choice: those are applied from outside (parallelize.py, ops.py).
+choice: those are applied from outside (parallelize.py; ops.py picks an implementation by the
+`kernels` string the model passes through).
 """
 
 from __future__ import annotations
@@ -51,19 +52,19 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: str):
         super().__init__()
-        self.cfg = cfg
+        self.eps, self.kernels = cfg.norm_eps, kernels
         self.weight = nn.Parameter(torch.ones(cfg.dim))
 
     def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.cfg.norm_eps, self.cfg.kernels)
+        return ops.rms_norm(x, self.weight, self.eps, self.kernels)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: str):
         super().__init__()
-        self.cfg = cfg
+        self.kernels = kernels
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -75,8 +76,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
-        q = ops.rotary(q, cos, sin, self.cfg.kernels)
-        k = ops.rotary(k, cos, sin, self.cfg.kernels)
+        q = ops.rotary(q, cos, sin, self.kernels)
+        k = ops.rotary(k, cos, sin, self.kernels)
         if cache is not None:
             k, v = cache.update(k, v)  # [b, cached + s, hkv, d]
         y = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # [b, s, h, d]
@@ -95,13 +96,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, kernels: str):
         super().__init__()
-        self.cfg = cfg
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg)
+        self.layer_id, self.kernels = layer_id, kernels
+        self.attn_norm = RMSNorm(cfg, kernels)
+        self.attn = Attention(cfg, kernels)
+        self.mlp_norm = RMSNorm(cfg, kernels)
         self.mlp = MLP(cfg)
         self.dropout = 0.0
         """This layer's residual dropout rate; set by Llama.set_residual_dropout."""
@@ -111,30 +111,51 @@ class Block(nn.Module):
         seeds = (ops.mix_seed(dropout_seed, self.layer_id, 0), ops.mix_seed(dropout_seed, self.layer_id, 1)) if p else (0, 0)
         attn_out = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache)
         # One pass: the new residual h and its normalized copy for the MLP.
-        h, normed = ops.dropout_add_rms_norm(attn_out, x, self.mlp_norm.weight, p, seeds[0], self.cfg.norm_eps,
-                                             self.cfg.kernels)
-        return ops.dropout_add(self.mlp(normed), h, p, seeds[1], self.cfg.kernels)
+        h, normed = ops.dropout_add_rms_norm(attn_out, x, self.mlp_norm.weight, p, seeds[0], self.mlp_norm.eps,
+                                             self.kernels)
+        return ops.dropout_add(self.mlp(normed), h, p, seeds[1], self.kernels)
+
+
+class Head(nn.Module):
+    """The output projection: logits, or given labels the loss through the fused linear +
+    cross-entropy (no [tokens, vocab] logits on the kernel path). A tied head reads the
+    embedding's weight when it is called (FSDP may have put a gathered view in its place)."""
+
+    def __init__(self, cfg: ModelConfig, kernels: str, tied: nn.Embedding | None = None):
+        super().__init__()
+        self.kernels = kernels
+        self.tied = (tied,) if tied is not None else ()  # a tuple, so the embedding is not registered twice
+        if tied is None:
+            self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
+
+    def matrix(self) -> torch.Tensor:
+        """[vocab, dim]: the head's own weight, or the embedding's when tied."""
+        return self.tied[0].weight if self.tied else self.weight
+
+    def forward(self, x, labels=None):
+        """x [b, s, dim] -> logits [b, s, vocab]; with labels [b, s] -> (summed fp32 loss, target count)."""
+        if labels is None:
+            return F.linear(x, self.matrix())
+        return ops.linear_cross_entropy(x.flatten(0, 1), self.matrix(), labels.flatten(), kernels=self.kernels)
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """kernels: "triton" (lima_kernels), "torch" (plain-torch references) or "auto" (triton on CUDA)."""
+
+    def __init__(self, cfg: ModelConfig, kernels: str = "auto"):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.layers = nn.ModuleList(Block(cfg, i, kernels) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg, kernels)
+        self.output = Head(cfg, kernels, tied=self.tok_embeddings if cfg.tie_embeddings else None)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None):
         """Random initialisation as transformers does it: N(0, init_std) weights, unit norms."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding)) or (isinstance(module, Head) and not module.tied):
                 module.weight.normal_(0.0, self.cfg.init_std, generator=generator)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
@@ -168,10 +189,7 @@ class Llama(nn.Module):
                       None if cache is None else cache.layer(block.layer_id))
         if cache is not None:
             cache.advance(tokens.shape[1])
-        x = self.norm(x)
-        if labels is None:
-            return F.linear(x, self.head_weight)
-        return ops.linear_cross_entropy(x.flatten(0, 1), self.head_weight, labels.flatten(), kernels=self.cfg.kernels)
+        return self.output(self.norm(x), labels)
 
     @torch.no_grad()
     def resize_vocab(self, vocab_size: int):
@@ -185,9 +203,8 @@ class Llama(nn.Module):
             return nn.Parameter(torch.cat([weight, extra]), requires_grad=weight.requires_grad)
         self.tok_embeddings.weight = grown(self.tok_embeddings.weight)
         self.tok_embeddings.num_embeddings = vocab_size
-        if self.output is not None:
+        if not self.output.tied:
             self.output.weight = grown(self.output.weight)
-            self.output.out_features = vocab_size
         self.cfg.vocab_size = vocab_size
 
 

@@ -4,13 +4,17 @@ Each function has the signature of the `lima_kernels` op of the same name plus `
 the model's `ModelConfig.kernels`: "triton" runs the Triton kernel, "torch" the plain-torch
 reference (`lima_kernels.reference`: HF numerics, differentiable, any device), and "auto" the
 kernel on CUDA tensors and the reference elsewhere. Both compute the same function, dropout
-masks included (the reference replays Triton's Philox bit for bit).
+masks included: the reference draws Triton's Philox stream bit for bit with
+`lima_core.philox.uniform` (the native CPU op when lima_core/_C.so is built, else the
+plain-torch emulation, which gives the same bits).
 """
 
 from __future__ import annotations
 
 import lima_kernels
 from lima_kernels import reference
+
+from lima_core import philox
 
 _MASK64 = (1 << 64) - 1
 
@@ -44,12 +48,18 @@ def rotary(x, cos, sin, kernels: str = "auto"):
 
 def dropout_add(x, residual, p: float, seed: int, kernels: str = "auto"):
     """residual + dropout(x, p); the mask is a function of (seed, element index)."""
-    return _impl(x, kernels).dropout_add(x, residual, p, seed, 0)
+    impl = _impl(x, kernels)
+    if impl is reference:
+        return reference.dropout_add(x, residual, p, seed, 0, uniform=philox.uniform)
+    return impl.dropout_add(x, residual, p, seed, 0)
 
 
 def dropout_add_rms_norm(x, residual, weight, p: float, seed: int, eps: float, kernels: str = "auto"):
     """(h, rms_norm(h)) with h = residual + dropout(x, p), in one pass on the kernel path."""
-    return _impl(x, kernels).dropout_add_rms_norm(x, residual, weight, p, seed, 0, eps)
+    impl = _impl(x, kernels)
+    if impl is reference:
+        return reference.dropout_add_rms_norm(x, residual, weight, p, seed, 0, eps, uniform=philox.uniform)
+    return impl.dropout_add_rms_norm(x, residual, weight, p, seed, 0, eps)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, kernels: str = "auto"):

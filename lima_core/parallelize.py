@@ -5,18 +5,48 @@ plain tensors only); 2. activation checkpointing wraps that forward; 3. FSDP rem
 parameters into sharded flat units and hooks gather/free/reduce-scatter around each unit,
 outside the checkpointed region, so a recomputed forward finds the block already gathered
 (by the gradient hook on its output) and never gathers twice. compile is untested here.
+
+`llama_units` is LLaMA's unit list, read by FSDP and by the planner (lima_core.plan) alike.
+`init_distributed` / `destroy_distributed` start and end the ranks torchrun launched.
 """
 
 from __future__ import annotations
 
+import gc
+import os
+from dataclasses import dataclass
+
 import torch
-import torch.nn as nn
 
 from lima_core.checkpointing import apply_checkpointing
-from lima_core.fsdp import FSDP, fully_shard
+from lima_core.fsdp import FSDP, UnitSpec, fully_shard
+from lima_core.model import Llama
 
 
-def parallelize(model: nn.Module, *, group=None, checkpointing: str = "block", device=None,
+def llama_units(model: Llama) -> list[UnitSpec]:
+    """The embeddings, each Block, and the final norm with the head, in forward order.
+
+    Untied, the embedding's backward never reads its weight, so it is not gathered for it, and
+    the head stays gathered from its forward to its backward, which follows at once. Tied, the
+    head is part of the embedding unit, kept gathered from the first layer to the last."""
+    tied = bool(model.output.tied)
+    head = [model.norm, model.output]
+    if tied:
+        units = [UnitSpec("tok_embeddings", [model.tok_embeddings, *head], reshard_after_forward=False)]
+    else:
+        units = [UnitSpec("tok_embeddings", [model.tok_embeddings], gather_for_backward=False)]
+    units += [UnitSpec(f"layers.{i}", [block]) for i, block in enumerate(model.layers)]
+    if not tied:
+        units.append(UnitSpec("head", head, reshard_after_forward=False))
+    return units
+
+
+def unit_numels(units: list[UnitSpec]) -> list[int]:
+    """Parameter count of each unit (a parameter shared within a unit once)."""
+    return [sum(p.numel() for p in {id(p): p for m in u.modules for p in m.parameters()}.values()) for u in units]
+
+
+def parallelize(model: Llama, *, group=None, checkpointing: str = "block", device=None,
                 param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
                 compile: bool = False) -> FSDP:
     """Compile (optional), checkpointing, then FSDP over `group` (None: one process)."""
@@ -24,4 +54,39 @@ def parallelize(model: nn.Module, *, group=None, checkpointing: str = "block", d
         for block in model.layers:
             block.forward = torch.compile(block.forward)
     apply_checkpointing(model.layers, checkpointing)
-    return fully_shard(model, group, device=device, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    return fully_shard(model, llama_units(model), group, device=device, param_dtype=param_dtype,
+                       reduce_dtype=reduce_dtype)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """The data-parallel ranks: group None for a single process."""
+
+    group: object
+    rank: int
+    world: int
+    device: torch.device
+
+
+def init_distributed(device: str) -> Distributed:
+    """The process group under torchrun (NCCL on CUDA, gloo on CPU); one process otherwise."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if "WORLD_SIZE" not in os.environ:
+        return Distributed(None, 0, 1, torch.device("cuda" if cuda else "cpu"))
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    group = torch.distributed.group.WORLD
+    return Distributed(group, torch.distributed.get_rank(group), torch.distributed.get_world_size(group), local)
+
+
+def destroy_distributed(dist: Distributed):
+    """End the process group, once every sharded model is unreachable.
+
+    The sharded model's hooks hold the process group in reference cycles; a gloo group left to
+    interpreter finalization aborts the process now and then ("terminate called without an
+    active exception", pytorch#179291). Collect them while Python is alive, then destroy."""
+    if dist.group is not None:
+        gc.collect()
+        torch.distributed.destroy_process_group()

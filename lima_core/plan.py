@@ -29,9 +29,13 @@ import argparse
 import math
 from dataclasses import dataclass
 
-from lima_core.config import ModelConfig
+import torch
 
-BYTES = {"fp32": 4, "bf16": 2}
+from lima_core.config import CHECKPOINTING, DTYPES, ModelConfig
+from lima_core.model import Llama
+from lima_core.parallelize import llama_units, unit_numels
+
+BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 @dataclass
@@ -51,13 +55,11 @@ class Plan:
 
 
 def unit_sizes(cfg: ModelConfig) -> list[int]:
-    """Parameter counts of the FSDP units in forward order (see fsdp._unit_params)."""
-    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    block = attn + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
-    embed = cfg.vocab_size * cfg.dim
-    if cfg.tie_embeddings:
-        return [embed + cfg.dim] + [block] * cfg.n_layers
-    return [embed] + [block] * cfg.n_layers + [cfg.dim + cfg.vocab_size * cfg.dim]
+    """Parameter counts of the FSDP units in forward order: the trainer's own unit list
+    (parallelize.llama_units) read off the model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    return unit_numels(llama_units(model))
 
 
 def activation_bytes(cfg: ModelConfig, checkpointing: str, tokens: int, p: int) -> int:
@@ -179,7 +181,7 @@ def main(argv=None):
     ap.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--checkpointing", default="block", choices=["none", "block", "selective"])
+    ap.add_argument("--checkpointing", default="block", choices=CHECKPOINTING)
     ap.add_argument("--param-dtype", default="bf16", choices=list(BYTES))
     ap.add_argument("--moment-dtype", default="fp32", choices=list(BYTES), help="AdamW moments (bf16: native op)")
     ap.add_argument("--mfu", type=float, default=0.4)

@@ -1,15 +1,19 @@
-"""Generation with LIMA's sampling settings: nucleus p 0.9, temperature 0.7, repetition
-penalty 1.2, a KV cache, and a stop at EOT. Temperature 0 is greedy decoding.
+"""Generation with LIMA's sampling settings by default (lima_core.config.SamplingConfig: nucleus
+p 0.9, temperature 0.7, repetition penalty 1.2), a KV cache, and a stop at EOT. Temperature 0 is
+greedy decoding.
 
-Exported as `lima_core.generate`; the command line is `python -m lima_core.generate`.
+Exported as `lima_core.generate`; the command line is `python -m lima_core.chat`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lima_core.config import SamplingConfig
 from lima_core.data import prompt_ids
 from lima_core.model import KVCache, Llama
+
+LIMA = SamplingConfig()
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -35,8 +39,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
-def generate(model: Llama, prompt: list[int], *, max_new_tokens: int = 2048, temperature: float = 0.7,
-             top_p: float = 0.9, repetition_penalty: float = 1.2, stop_ids=(), generator=None) -> list[int]:
+def generate(model: Llama, prompt: list[int], *, max_new_tokens: int = LIMA.max_new_tokens,
+             temperature: float = LIMA.temperature, top_p: float = LIMA.top_p,
+             repetition_penalty: float = LIMA.repetition_penalty, stop_ids=(), generator=None) -> list[int]:
     """Continue `prompt` (token ids); returns the new ids, the stop token included if reached."""
     was_training = model.training
     model.eval()

@@ -3,11 +3,11 @@
     runs/<name>/state/step-<k>/
         rank-<r>.safetensors   per unit: "<unit>.param", "<unit>.exp_avg", "<unit>.exp_avg_sq",
                                rank r's fp32 slice of the unit's padded flat vector
-        state.json             world size, unit sizes, optimizer step, and the caller's progress
-                               (step, epoch, data position, RNG states, history), written last
+        state.json             world size, unit sizes, optimizer step, and the trainer's Progress
+                               (step, finished epochs, history, tokens) and RNG states, written last
 
-Every rank writes its file into a shared temporary folder; after a barrier rank 0 writes
-state.json and renames the folder into place, so a folder named step-<k> is always complete
+Every rank writes its file into a shared temporary folder (lima_core.io's temporary name);
+after a barrier rank 0 writes state.json and renames the folder into place, so a folder named step-<k> is always complete
 and a crash at any point leaves the previous state loadable. Loading reads, for each unit,
 only the slices of the old ranks' files that overlap this rank's new range: the flat vectors
 are the same logical vectors whatever the world size, only their padding differs. No pickle:
@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,14 +27,39 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lima_core.io import commit_dir, temp_path
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def save_state(directory: str | Path, step: int, sharded, optimizer, progress: dict, keep: int = 2) -> Path:
-    """Write the state of `step` under directory/step-<step> (collective); returns the folder."""
+@dataclass
+class Progress:
+    """Where a run is: saved and restored whole with the train state."""
+
+    step: int = 0
+    """Optimizer steps taken (the data position: any number of ranks continues at the same batch)."""
+    epochs: list[dict] = field(default_factory=list)
+    """One record per finished epoch (dev loss, export, generations)."""
+    history: list[dict] = field(default_factory=list)
+    """One record per step (the metrics)."""
+    tokens: int = 0
+    """Tokens trained on so far."""
+
+    def add_step(self, epoch: int, loss: float, lr: float, targets: int, grad_norm: float, tokens_per_s: float) -> dict:
+        """Record the step just taken (numbered from 0) and count it; returns its metrics."""
+        entry = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": self.tokens,
+                 "targets": targets, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        self.history.append(entry)
+        self.step += 1
+        return entry
+
+
+def save_state(directory: str | Path, sharded, optimizer, progress: Progress, keep: int = 2) -> Path:
+    """Write the state of `progress.step` under directory/step-<step> with the RNG states
+    (collective); returns the folder."""
     directory = Path(directory)
-    final = directory / f"step-{step}"
-    tmp = directory / f".step-{step}.tmp"
+    final = directory / f"step-{progress.step}"
+    tmp = temp_path(final)
     if sharded.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -41,11 +67,10 @@ def save_state(directory: str | Path, step: int, sharded, optimizer, progress: d
     save_file(_rank_tensors(sharded, optimizer), tmp / f"rank-{sharded.rank}.safetensors", metadata={"format": "pt"})
     _barrier(sharded)
     if sharded.rank == 0:
-        meta = {"step": step, "world": sharded.world, "optimizer_step": _optimizer_step(optimizer),
-                "units": {u.name: u.numel for u in sharded.units}, "progress": progress}
+        meta = {"step": progress.step, "world": sharded.world, "optimizer_step": _optimizer_step(optimizer),
+                "units": {u.name: u.numel for u in sharded.units}, "progress": asdict(progress), "rng": rng_state()}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         for old in sorted(complete_states(directory), key=_step_of)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(sharded)
@@ -57,7 +82,8 @@ def _rank_tensors(sharded, optimizer) -> dict[str, torch.Tensor]:
     for unit in sharded.units:
         tensors[f"{unit.name}.param"] = unit.shard.detach().cpu().clone()
         for moment in MOMENTS:
-            parts = [optimizer.state[p][moment] if p in optimizer.state else torch.zeros_like(p) for p, _ in unit.pieces]
+            parts = [optimizer.state[p.param][moment] if p.param in optimizer.state else torch.zeros_like(p.param)
+                     for p in unit.pieces]
             tensors[f"{unit.name}.{moment}"] = torch.cat([t.detach().reshape(-1) for t in parts]).cpu()
     return tensors
 
@@ -86,9 +112,10 @@ def _step_of(path: Path) -> int:
 
 
 @torch.no_grad()
-def load_state(path: str | Path, sharded, optimizer) -> dict:
-    """Fill shards and optimizer moments from a saved state, resharding as needed; returns the
-    saved progress dict. Every rank reads only the slices that overlap its own ranges."""
+def load_state(path: str | Path, sharded, optimizer) -> Progress:
+    """Fill shards and optimizer moments from a saved state, resharding as needed, and restore
+    the RNG states; returns the saved Progress. Every rank reads only the slices that overlap
+    its own ranges."""
     path = Path(path)
     meta_file = path / "state.json"
     if not meta_file.is_file():
@@ -104,13 +131,13 @@ def load_state(path: str | Path, sharded, optimizer) -> dict:
         values = {kind: _read_range(files, f"{unit.name}.{kind}", *unit.local_range)
                   for kind in ("param", *MOMENTS)}
         unit.shard.copy_(values["param"])
-        for p, _ in unit.pieces:
-            start = p.data_ptr() - unit.shard.data_ptr()
-            offset, n = start // unit.shard.element_size(), p.numel()
-            optimizer.state[p] = {"step": torch.tensor(float(meta["optimizer_step"]), dtype=torch.float32),
-                                  **{m: values[m][offset:offset + n].to(p.device, moment_dtype).clone()
-                                     for m in MOMENTS}}
-    return meta["progress"]
+        for piece in unit.pieces:
+            a, b = piece.offset, piece.offset + piece.param.numel()
+            optimizer.state[piece.param] = {
+                "step": torch.tensor(float(meta["optimizer_step"]), dtype=torch.float32),
+                **{m: values[m][a:b].to(piece.param.device, moment_dtype).clone() for m in MOMENTS}}
+    set_rng_state(meta["rng"])
+    return Progress(**meta["progress"])
 
 
 def _read_range(files, key: str, lo: int, hi: int) -> torch.Tensor:

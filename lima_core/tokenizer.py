@@ -9,8 +9,9 @@ same id, and `generation_config.json` stops on it.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+from lima_core.io import write_bytes, write_json
 
 EOT = "<|end_of_turn|>"
 
@@ -73,18 +74,18 @@ class Tokenizer:
         directory = Path(directory)
         added = {str(self.eot_id): _added_token(EOT)}
         if self.kind == "sentencepiece":
-            shutil.copyfile(self.path, directory / "tokenizer.model")
+            write_bytes(directory / "tokenizer.model", Path(self.path).read_bytes())
             added.update({str(self.bos_id): _added_token(self.bos_token), str(self.eos_id): _added_token(self.eos_token)})
             unk = self._sp.unk_id()
             added[str(unk)] = _added_token(self._sp.id_to_piece(unk))
             config = {"tokenizer_class": "LlamaTokenizer", "unk_token": self._sp.id_to_piece(unk),
                       "add_bos_token": True, "add_eos_token": False, "legacy": False}
         else:
-            self._hf.save(str(directory / "tokenizer.json"))
+            write_bytes(directory / "tokenizer.json", self._hf.to_str(pretty=True).encode())
             config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         config.update({"bos_token": self.bos_token, "eos_token": self.eos_token,
                        "extra_special_tokens": [EOT], "added_tokens_decoder": added})
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(directory / "tokenizer_config.json", config)
 
 
 def find_tokenizer_file(directory: Path) -> Path:

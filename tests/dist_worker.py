@@ -17,22 +17,14 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import helpers
+from helpers import TINY, tiny_model
 
-from lima_core.config import ModelConfig
 from lima_core.data import Example
 from lima_core.model import Llama
 from lima_core.optim import build_optimizer, lr_at, set_lr
 from lima_core.train import step_loss
 
 STEPS, LR, LR_END, BETAS, WD, CLIP, MAX_LEN = 10, 1e-3, 1e-4, (0.9, 0.95), 0.1, 1.0, 48
-TINY = dict(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=80, vocab_size=101, max_seq_len=128)
-
-
-def tiny_model(seed: int = 0) -> Llama:
-    model = Llama(ModelConfig(**TINY))
-    model.init_weights(torch.Generator().manual_seed(seed))
-    model.set_residual_dropout(0.0)
-    return model
 
 
 def random_batches(n_steps: int, batch: int = 7, seed: int = 0) -> list[list[Example]]:

@@ -1,13 +1,41 @@
 """Helpers shared by the tests: small checkpoints written by `transformers` itself (the
-reference we test against) and the error measure the parity targets are stated in."""
+reference we test against), the one tiny lima-core model, the one torchrun launcher, and the
+error measure the parity targets are stated in."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from lima_core.config import ModelConfig
 from lima_core.data import IGNORE, Example
+from lima_core.model import Llama
 
-ASSETS = Path(__file__).parents[1] / "lima_core" / "assets"
+ROOT = Path(__file__).parents[1]
+ASSETS = ROOT / "lima_core" / "assets"
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+# The tiny test model: grouped-query attention, 3 blocks, a 101-token vocabulary.
+TINY = dict(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=80, vocab_size=101, max_seq_len=128)
+
+
+def tiny_model(seed: int = 0, kernels: str = "auto", **overrides) -> Llama:
+    """The tiny model, initialised from `seed`, residual dropout off."""
+    model = Llama(ModelConfig(**{**TINY, **overrides}), kernels=kernels)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    model.set_residual_dropout(0.0)
+    return model
+
+
+def torchrun(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `torchrun --standalone --nproc_per_node n ARGS` from the repository root; fail on a non-zero exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", str(n), *args],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 # Shapes that exercise every code path: grouped-query attention, odd widths, a non-default
 # rope_theta, LLaMA 3.1 rope scaling, tied and untied heads.

@@ -1,16 +1,11 @@
 """Activation checkpointing recomputes exactly: gradients with "block" and "selective" equal
 those without checkpointing, with residual dropout on (masks keyed by the dropout seed)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers import tiny_model
 from lima_core.checkpointing import apply_checkpointing
-
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import tiny_model  # noqa: E402
 
 
 def grads(policy: str, seed: int = 99) -> dict[str, torch.Tensor]:

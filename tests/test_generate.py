@@ -59,11 +59,11 @@ def test_generate_cli_answers_from_an_export(tmp_path):
     model = Llama(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, dim=32, n_heads=4, ffn_dim=32, n_layers=1))
     model.init_weights()
     save_pretrained(model, tmp_path / "ckpt", tokenizer=tok)
-    result = subprocess.run([sys.executable, "-m", "lima_core.generate", "--checkpoint", str(tmp_path / "ckpt"),
+    result = subprocess.run([sys.executable, "-m", "lima_core.chat", "--checkpoint", str(tmp_path / "ckpt"),
                              "--prompt", "How do I boil an egg?", "--max-new-tokens", "12"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    chat = subprocess.run([sys.executable, "-m", "lima_core.generate", "--checkpoint", str(tmp_path / "ckpt"),
+    chat = subprocess.run([sys.executable, "-m", "lima_core.chat", "--checkpoint", str(tmp_path / "ckpt"),
                            "--chat", "--max-new-tokens", "5"], input="Hi!\nAnd then?\n\n", capture_output=True, text=True)
     assert chat.returncode == 0 and chat.stdout.count("lima>") == 2

@@ -12,10 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import ASSETS
+from helpers import ASSETS, TORCHRUN
 from lima_core.tokenizer import Tokenizer
-
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
 def exported_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from helpers import make_hf_model, rel_err
-from lima_core.config import PRESETS, ModelConfig
+from helpers import make_hf_model, rel_err, tiny_model
 from lima_core.hf import hf_key, load_pretrained
 from lima_core.model import KVCache, Llama, rope_cos_sin
 
@@ -61,13 +60,6 @@ def load_pretrained_from(hf_model):
         return load_pretrained(d)
 
 
-def tiny_model(seed=0, **overrides):
-    cfg = ModelConfig.from_name("tiny", vocab_size=64, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, **overrides)
-    model = Llama(cfg)
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model
-
-
 def test_residual_dropout_ramp_is_linear_in_depth():
     model = tiny_model(n_layers=4)
     model.set_residual_dropout(0.3)
@@ -77,7 +69,7 @@ def test_residual_dropout_ramp_is_linear_in_depth():
 def test_dropout_masks_are_keyed_by_seed_and_reproduced_by_recomputation():
     model = tiny_model()
     model.set_residual_dropout(0.2)
-    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
     a, b, c = model(tokens, dropout_seed=7), model(tokens, dropout_seed=7), model(tokens, dropout_seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     model.eval()
@@ -99,16 +91,8 @@ def test_dropout_masks_are_keyed_by_seed_and_reproduced_by_recomputation():
 
 def test_kv_cache_decoding_equals_full_forward():
     model = tiny_model().eval()
-    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(3))
     full = model(tokens)
     cache = KVCache(model.cfg, 1, 12, "cpu", torch.float32)
     steps = [model(tokens[:, :5], cache=cache)] + [model(tokens[:, i:i + 1], cache=cache) for i in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-6)  # fp32, different op order
-
-
-def test_presets_have_their_published_sizes():
-    sizes = {name: ModelConfig.from_name(name).num_params() / 1e9 for name in PRESETS}
-    # Published parameter counts (billions), to the precision the papers give them.
-    for name, billions in {"llama-7b": 6.7, "llama-13b": 13.0, "llama-33b": 32.5, "llama-65b": 65.2,
-                           "llama-2-70b": 69.0, "llama-3-8b": 8.0, "llama-3-70b": 70.6}.items():
-        assert sizes[name] == pytest.approx(billions, rel=0.02), name

@@ -13,7 +13,7 @@ def twin_models(**overrides):
     cfg = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, **overrides)
     models = []
     for kernels in ("triton", "torch"):
-        model = Llama(ModelConfig.from_name("tiny", kernels=kernels, **cfg))
+        model = Llama(ModelConfig.from_name("tiny", **cfg), kernels=kernels)
         model.init_weights(torch.Generator().manual_seed(0))
         model.set_residual_dropout(0.3)
         models.append(model)

@@ -20,9 +20,7 @@ from lima_core.config import ModelConfig
 from lima_core.model import Llama
 from lima_core.plan import plan
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import TINY  # noqa: E402
-from test_fsdp import torchrun  # noqa: E402
+from helpers import TINY, torchrun
 
 # Activation shapes: the tiny model, one four times wider, and one with tied embeddings,
 # multi-query attention and head_dim != dim / n_heads (so q-sized and dim-sized terms differ).
@@ -148,14 +146,13 @@ def test_the_command_line_prints_a_plan():
 
 def test_bf16_moments_halve_the_optimizer_bytes_the_plan_predicts():
     """The native op's bf16 moments, measured after a real step of the trainer's optimizer."""
-    from lima_core.fsdp import fully_shard
-    from lima_core.model import Llama
     from lima_core.optim import adamw
+    from lima_core.parallelize import parallelize
 
-    cfg = ModelConfig.from_name("tiny", vocab_size=101, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80)
+    cfg = ModelConfig(**{**TINY, "n_layers": 2})
     model = Llama(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
-    sharded = fully_shard(model)
+    sharded = parallelize(model, checkpointing="none")
     opt = adamw(sharded.param_groups(0.1), 1e-3, (0.9, 0.95), moment_dtype=torch.bfloat16)
     loss, n = model(torch.randint(0, 101, (1, 16)), torch.randint(0, 101, (1, 16)))
     (loss / n).backward()

@@ -15,17 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ASSETS
+from helpers import ASSETS, ROOT, TORCHRUN, tiny_model
 from lima_core import state as state_module
-from lima_core.fsdp import fully_shard
 from lima_core.optim import adamw
-from lima_core.state import latest_state, load_state, save_state
-
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import tiny_model  # noqa: E402
-
-ROOT = Path(__file__).parents[1]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+from lima_core.parallelize import parallelize
+from lima_core.state import Progress, latest_state, load_state, save_state
 
 
 def train_cmd(tmp_path, n, name, *extra):
@@ -113,10 +107,10 @@ def one_step(model, sharded, opt):
 
 def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_state(tmp_path, monkeypatch):
     model = tiny_model()
-    sharded = fully_shard(model, None)
+    sharded = parallelize(model, checkpointing="none")
     opt = adamw(sharded.param_groups(0.1), 1e-3, (0.9, 0.95))
     one_step(model, sharded, opt)
-    save_state(tmp_path, 1, sharded, opt, {"step": 1})
+    save_state(tmp_path, sharded, opt, Progress(step=1))
     saved = {u.name: u.shard.clone() for u in sharded.units}
     one_step(model, sharded, opt)
 
@@ -124,12 +118,12 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_state(tmp_path, mon
         raise OSError("disk full (injected)")
     monkeypatch.setattr(state_module, "save_file", crash)
     with pytest.raises(OSError, match="injected"):
-        save_state(tmp_path, 2, sharded, opt, {"step": 2})
+        save_state(tmp_path, sharded, opt, Progress(step=2))
     assert latest_state(tmp_path) == tmp_path / "step-1"
 
     fresh_model = tiny_model(seed=1)
-    fresh = fully_shard(fresh_model, None)
+    fresh = parallelize(fresh_model, checkpointing="none")
     fresh_opt = adamw(fresh.param_groups(0.1), 1e-3, (0.9, 0.95))
-    assert load_state(latest_state(tmp_path), fresh, fresh_opt) == {"step": 1}
+    assert load_state(latest_state(tmp_path), fresh, fresh_opt) == Progress(step=1)
     assert all(torch.equal(u.shard, saved[u.name]) for u in fresh.units)
     assert all(float(s["step"]) == 1.0 and s["exp_avg"].abs().sum() > 0 for s in fresh_opt.state.values())

@@ -12,7 +12,6 @@ from transformers import LlamaForCausalLM
 
 from helpers import ASSETS, make_hf_model, random_batches, rel_err
 from lima_core import train as train_module
-from lima_core.config import load_train_config
 from lima_core.data import IGNORE
 from lima_core.hf import hf_key, load_pretrained
 from lima_core.optim import build_optimizer, lr_at, set_lr
@@ -62,39 +61,25 @@ def test_five_steps_equal_transformers_with_torch_adamw(tmp_path):
     assert params_err < 1e-4
 
 
-def test_learning_rate_decays_linearly_without_warmup():
-    lrs = [lr_at(s, 10, 1e-5, 1e-6) for s in range(10)]
-    assert lrs[0] == 1e-5 and lrs[-1] == pytest.approx(1e-6)
-    diffs = [a - b for a, b in zip(lrs, lrs[1:])]
-    assert diffs == pytest.approx([1e-6] * 9)
-
-
-def test_config_precedence_and_unknown_keys(tmp_path):
-    toml = tmp_path / "run.toml"
-    toml.write_text('[train]\nlr = 2e-5\nepochs = 3\n')
-    cfg = load_train_config(["--config", str(toml), "--epochs", "4"])
-    assert (cfg.lr, cfg.epochs, cfg.beta2, cfg.weight_decay) == (2e-5, 4, 0.95, 0.1)
-    toml.write_text('[train]\nlearning_rate = 2e-5\n')
-    with pytest.raises(ValueError, match="learning_rate"):
-        load_train_config(["--config", str(toml)])
-    result = subprocess.run([sys.executable, "-m", "lima_core.train", "--epochs", "zero"], capture_output=True, text=True)
-    assert result.returncode == 2 and "--epochs" in result.stderr
-
-
 def small_run_args(tmp_path, *extra):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(line + "\n" for line in (ASSETS / "train.jsonl").read_text().splitlines()[:12]))
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(line + "\n" for line in (ASSETS / "dev.jsonl").read_text().splitlines()[:2]))
     return ["--data", str(data), "--dev-data", str(dev), "--out-dir", str(tmp_path / "runs"), "--name", "t",
-            "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--gen-max-tokens", "8", *extra]
+            "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--max-new-tokens", "8", *extra]
 
 
 def test_a_run_writes_metrics_exports_summary_and_plot(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lima_core.train", *small_run_args(tmp_path)],
+    run = tmp_path / "runs" / "t"
+    crashed_export = run / ".tmp-epoch-2"  # what a killed export leaves behind
+    crashed_export.mkdir(parents=True)
+    (crashed_export / "model.safetensors").write_bytes(b"half written")
+    result = subprocess.run([sys.executable, "-m", "lima_core.train", *small_run_args(tmp_path, "--tensorboard", "true")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    run = tmp_path / "runs" / "t"
+    assert not crashed_export.exists() and not list(run.rglob(".tmp-*"))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 9 and {"step", "epoch", "loss", "lr", "tokens"} <= set(metrics[0])
     summary = json.loads((run / "summary.json").read_text())
@@ -138,9 +123,12 @@ def test_bf16_step_tracks_fp32():
         loss_sum, n, _ = step_loss(model, batch, 64, torch.device("cpu"), None, dtype)
         losses[dtype] = float(loss_sum) / n
         assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # fp32 master gradients
-    # bf16 keeps 8 bits of mantissa (relative rounding 2**-9 per op); the loss of a
-    # 2-layer model stays within a few of those.
-    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=2e-2)
+    rel = abs(losses[torch.bfloat16] - losses[torch.float32]) / losses[torch.float32]
+    print(f"\nbf16 vs fp32 step loss: relative difference {rel:.2e}")
+    # Upper: bf16 keeps 8 bits of mantissa (2**-9 relative per op); a 2-layer model's mean loss
+    # stays within a few of those. Lower: the same step in fp32 twice is bit-identical, so a
+    # silently disabled autocast gives 0; bf16 matmuls moved it by 2.6e-5 when measured.
+    assert 1e-6 < rel < 2e-2
 
 
 def load_pretrained_from_hf(hf):

@@ -6,7 +6,8 @@ Public ops (Triton, CUDA tensors; CPU tensors only under TRITON_INTERPRET=1):
     dropout_add(x, residual, p, seed, offset)
     dropout_add_rms_norm(x, residual, weight, p, seed, offset, eps)
     linear_cross_entropy(hidden, weight, labels, ignore_index=-100, *, chunk_size=None)
-and `reference`, the same functions in plain torch.
+their nn.Module drop-ins RMSNorm (for transformers' LlamaRMSNorm), Rotary, DropoutAddRMSNorm
+and LinearCrossEntropy, and `reference`, the same functions in plain torch.
 
 Each op is registered as a torch.library custom op in the `lima_kernels` namespace, so a
 compiled model calls it without graph breaks.
@@ -21,28 +22,33 @@ import importlib
 
 from . import reference
 
-# op name -> its file in lima_kernels/ops/
+# op or module name -> its file in lima_kernels/ops/
 _OPS = {
     "rms_norm": "rms_norm",
+    "dropout_add_rms_norm": "rms_norm",
+    "RMSNorm": "rms_norm",
+    "DropoutAddRMSNorm": "rms_norm",
     "rotary": "rotary",
+    "Rotary": "rotary",
     "dropout_add": "dropout_add",
-    "dropout_add_rms_norm": "dropout_add",
     "linear_cross_entropy": "linear_cross_entropy",
+    "LinearCrossEntropy": "linear_cross_entropy",
 }
 
 __all__ = ["reference", *_OPS]
 
 
 def __getattr__(name):
-    """Import an op's file (and triton) on first use of the op."""
+    """Import an op's file (and triton) on first use of the op or its module."""
     if name not in _OPS:
         raise AttributeError(f"module 'lima_kernels' has no attribute {name!r}")
     try:
         module = importlib.import_module(f"{__name__}.ops.{_OPS[name]}")
     except ImportError as err:
         if err.name is not None and err.name.split(".")[0] == "triton":
-            raise ImportError(f"lima_kernels.{name} needs triton ({err}); "
-                              f"lima_kernels.reference.{name} is the plain-torch version") from err
+            where = f".{name} is" if hasattr(reference, name) else " has"
+            hint = f"lima_kernels.reference{where} the plain-torch version"
+            raise ImportError(f"lima_kernels.{name} needs triton ({err}); {hint}") from err
         raise
     globals()[name] = fn = getattr(module, name)
     return fn

@@ -1,4 +1,5 @@
-"""Small helpers shared by the kernel files: launch configuration and device checks.
+"""Small helpers shared by the kernel files: launch configuration, device, layout and
+argument checks.
 
 Under `TRITON_INTERPRET=1` (the CPU test path) kernels run in Triton's numpy
 interpreter, whose cost grows with the number of programs, and `@triton.autotune`
@@ -30,6 +31,28 @@ def check_device(*tensors: torch.Tensor) -> None:
                 f"lima_kernels Triton ops need CUDA tensors (got {t.device}); on CPU use "
                 "lima_kernels.reference, or set TRITON_INTERPRET=1 before importing triton"
             )
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its last dim is contiguous (row-wise kernels take a row stride), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_dropout_args(p: float, seed, offset) -> None:
+    """Dropout rate in [0, 1); Philox seed in [0, 2**63) and counter offset >= 0, checked
+    when they are Python ints."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    if isinstance(seed, int) and not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if isinstance(offset, int) and offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+
+
+def check_same_shape(x: torch.Tensor, residual: torch.Tensor) -> None:
+    """The residual ops take x and residual of one shape (no broadcasting)."""
+    if x.shape != residual.shape:
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,8 @@ import torch.utils.checkpoint
 from lk_testing import DTYPES, assert_three_way, leaves, ulp_atol
 
 from lima_kernels import reference as ref
-from lima_kernels.ops.dropout_add import DropoutAddRMSNorm, dropout_add, dropout_add_rms_norm
+from lima_kernels.ops.dropout_add import dropout_add
+from lima_kernels.ops.rms_norm import DropoutAddRMSNorm, dropout_add_rms_norm
 
 EPS = 1e-6
 

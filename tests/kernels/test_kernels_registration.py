@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import lima_kernels
-from lima_kernels.ops.dropout_add import (
-    _dropout_add_op,
+from lima_kernels.ops.dropout_add import _dropout_add_op, _dropout_bwd_op
+from lima_kernels.ops.linear_cross_entropy import _linear_cross_entropy_op
+from lima_kernels.ops.rms_norm import (
     _dropout_add_rms_norm_bwd_op,
     _dropout_add_rms_norm_fwd_op,
-    _dropout_bwd_op,
+    _rms_norm_bwd_op,
+    _rms_norm_fwd_op,
 )
-from lima_kernels.ops.linear_cross_entropy import _linear_cross_entropy_op
-from lima_kernels.ops.rms_norm import _rms_norm_bwd_op, _rms_norm_fwd_op
 from lima_kernels.ops.rotary import _rotary_op
 
 

@@ -21,7 +21,7 @@ accumulation across chunks: 2x the bf16 weight). The default C makes the chunk a
 large as hidden (Liger-Kernel's rule), at least 128 rows and at most 2**26 logits.
 
 Reference: `lima_kernels.reference.linear_cross_entropy` (fp32 logits, torch
-cross_entropy with reduction="sum"), re-exported here as `linear_cross_entropy_reference`.
+cross_entropy with reduction="sum").
 
 Limits: hidden and weight share a dtype; labels are int64 in [0, V) or ignore_index (out of
 range labels are not checked); no label smoothing or z-loss; no double backward; the
@@ -34,7 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from .._utils import check_device, interpreting
 
 # ----------------------------------------------------------------------------------------
@@ -196,20 +195,9 @@ def linear_cross_entropy_fwd(
 # Autograd: torch.library custom op; backward scales the saved gradients
 # ----------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("lima_kernels::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    grad_hidden_needed: bool,
-    grad_weight_needed: bool,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_cross_entropy_fwd(
-        hidden, weight, labels, ignore_index, grad_hidden_needed, grad_weight_needed, chunk_size
-    )
+_linear_cross_entropy_op = torch.library.custom_op(
+    "lima_kernels::linear_cross_entropy", linear_cross_entropy_fwd, mutates_args=()
+)
 
 
 @_linear_cross_entropy_op.register_fake
@@ -284,10 +272,3 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return linear_cross_entropy(hidden, self.weight, labels, self.ignore_index)
-
-
-# ----------------------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------------------
-
-linear_cross_entropy_reference = reference.linear_cross_entropy

@@ -16,7 +16,7 @@ Numerics: cos/sin are rounded to x's dtype first (HF returns them in the activat
 dtype); the products and the sum are done in fp32 and rounded once to x's dtype.
 
 Reference: `lima_kernels.reference.rotary` (= transformers' apply_rotary_pos_emb with
-unsqueeze_dim=-2), re-exported here as `rotary_reference`.
+unsqueeze_dim=-2).
 
 Limits: head_dim even and <= 1024; x's last dim must be contiguous (other layouts are
 copied); no gradient flows to cos/sin (an error if they require grad); the output is a
@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-from .._utils import check_device, interpreting, row_num_warps
+from .._utils import check_device, interpreting, last_dim_contiguous, row_num_warps
 
 # ----------------------------------------------------------------------------------------
 # Kernel
@@ -101,12 +100,7 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwar
     bsz, seq, heads, dim = x.shape
     if dim % 2 or dim > MAX_HEAD_DIM:
         raise ValueError(f"rotary needs an even head_dim <= {MAX_HEAD_DIM}, got {dim}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if cos.stride(-1) != 1:
-        cos = cos.contiguous()
-    if sin.stride(-1) != 1:
-        sin = sin.contiguous()
+    x, cos, sin = last_dim_contiguous(x), last_dim_contiguous(cos), last_dim_contiguous(sin)
     y = torch.empty((bsz, seq, heads, dim), dtype=x.dtype, device=x.device)
     n_tokens = bsz * seq
     if n_tokens == 0 or heads == 0:
@@ -136,10 +130,7 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwar
 # Autograd: one custom op for both directions; its gradient is itself, flag flipped
 # ----------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("lima_kernels::rotary", mutates_args=())
-def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    return rotary_launch(x, cos, sin, backward)
+_rotary_op = torch.library.custom_op("lima_kernels::rotary", rotary_launch, mutates_args=())
 
 
 @_rotary_op.register_fake
@@ -188,10 +179,3 @@ class Rotary(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return rotary(x, cos, sin)
-
-
-# ----------------------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------------------
-
-rotary_reference = reference.rotary

@@ -1,0 +1,69 @@
+"""A training run as data: the configuration, the ranks, the model, the tokenizer and the
+encoded conversations, all read and validated before anything is written (`prepare`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lima_core.config import PRESETS, Config, ConfigError, ModelConfig
+from lima_core.data import Example, encode_conversation, read_conversations
+from lima_core.hf import read_config
+from lima_core.model import Llama
+from lima_core.parallelize import Distributed
+from lima_core.tokenizer import Tokenizer
+
+BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything a run needs, built and validated before the first write."""
+
+    cfg: Config
+    dist: Distributed
+    model: Llama
+    tokenizer: Tokenizer
+    train: list[Example]
+    dev: list[list[str]]
+    dev_examples: list[Example]
+    batch_size: int
+    out: Path
+    init_from: Path | None
+    """HF checkpoint the (meta-device) model is filled from once sharded; None: already initialised."""
+
+
+def prepare(cfg: Config, dist: Distributed) -> Run:
+    """Read the data, the tokenizer and the model; raises DataError/ConfigError on bad input."""
+    t = cfg.train
+    checkpoint = Path(t.model) if Path(t.model).is_dir() else None
+    if checkpoint is None and t.model not in PRESETS:
+        raise ConfigError(f"--model {t.model!r} is neither a checkpoint folder nor a preset name")
+    tokenizer = Tokenizer(t.tokenizer or checkpoint or BUNDLED_TOKENIZER)
+    train, dev = read_conversations(t.data), read_conversations(t.dev_data) if t.dev_data else []
+    model = build_model(cfg, checkpoint, tokenizer, dist.device)
+    n_params = model.cfg.num_params()
+    model.set_residual_dropout(t.residual_dropout(n_params))
+    encode = lambda turns: encode_conversation(tokenizer, turns, t.max_len)  # noqa: E731
+    return Run(cfg, dist, model, tokenizer, [encode(c) for c in train], dev, [encode(c) for c in dev],
+               t.global_batch(n_params), Path(t.out_dir) / t.name, checkpoint)
+
+
+def build_model(cfg: Config, checkpoint: Path | None, tokenizer: Tokenizer, device: torch.device) -> Llama:
+    """A checkpoint's model on the meta device (each rank reads its own slices once sharded), or
+    a preset initialised in full on every rank from the same seed."""
+    torch.manual_seed(cfg.train.seed)
+    if checkpoint is not None:
+        with torch.device("meta"):
+            model = Llama(read_config(checkpoint), kernels=cfg.train.kernels)
+        model.resize_vocab(tokenizer.vocab_size)
+        return model
+    mcfg = ModelConfig.from_name(cfg.train.model, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+                                 eos_id=tokenizer.eos_id)
+    with torch.device(device):
+        model = Llama(mcfg, kernels=cfg.train.kernels)
+    model.init_weights(torch.Generator(device).manual_seed(cfg.train.seed))
+    return model
