@@ -103,13 +103,21 @@ def _time(benchmark, fn, rounds: int, warmup: int) -> float:
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or "unknown"
+    """The CPU as /proc/cpuinfo names it (model name, family/model/stepping), cores, versions."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block only
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    cpu = fields.get("model name") or platform.processor() or "unknown"
+    ident = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return {"cpu": cpu, "cpu_family_model_stepping": ident, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "philox_cpu_isa": torch.ops.lima.philox_uniform_cpu_isa() if native.available() else None,
             "load_average_before": _INFO.get("load_average_before")}
@@ -168,7 +176,7 @@ def _write_results():
         "rounds": {k: ROUNDS[k][0] for k in STEPS},
         "ratio_dropout_0.2_vs_dropout_0": ratio,
         "ratio_dropout_0.2_emulated_vs_dropout_0": _MEDIAN_S["dropout-0.2-emulated"] / base,
-        "target": f"dropout-0.2 <= {TARGET}x dropout-0",
+        "target": f"dropout-0.2 <= {TARGET:.2f}x dropout-0",
         "target_met": ratio <= TARGET,
         "draw_one_step_s": {"native": _MEDIAN_S["draw-native"], "emulated": _MEDIAN_S["draw-emulated"]},
         "native_draw_speedup": _MEDIAN_S["draw-emulated"] / _MEDIAN_S["draw-native"],
@@ -176,5 +184,5 @@ def _write_results():
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{results['date']}-cpu-{os.cpu_count()}core-dropout.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\ndropout-0.2 step / dropout-0 step = {ratio:.3f} (target <= {TARGET}); "
+    print(f"\ndropout-0.2 step / dropout-0 step = {ratio:.3f} (target <= {TARGET:.2f}); "
           f"emulated: {results['ratio_dropout_0.2_emulated_vs_dropout_0']:.2f}; written to {path}")
