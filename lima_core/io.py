@@ -11,7 +11,6 @@ folder belongs to one run at a time.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path

@@ -78,3 +78,21 @@ def test_bf16_compute_close_to_fp32_and_units_cover_every_parameter():
     # (~100%). Lower: fp32 gathers compute on the master itself (difference 0); bf16 ones moved
     # the logits by 5.5e-3 when measured, so a param_dtype that is silently ignored fails here.
     assert 1e-4 < rel < 0.03
+
+
+def test_a_tied_head_shares_one_slot_with_the_embedding():
+    """The tied head reads the embedding's gathered weight; its gradient has both uses, once."""
+    from lima_core.parallelize import parallelize
+
+    tokens, labels = torch.randint(3, 101, (1, 20)), torch.randint(3, 101, (1, 20))
+    reference = tiny_model(tie_embeddings=True)
+    loss, _ = reference(tokens, labels)
+    loss.backward()
+    model = tiny_model(tie_embeddings=True)
+    sharded = parallelize(model, checkpointing="block")
+    got, _ = model(tokens, labels)
+    got.backward()
+    grads = {s.name: u.grad[s.offset:s.offset + s.numel].view(s.shape) for u in sharded.units for s in u.slots}
+    assert sorted(grads) == sorted(n for n, _ in reference.named_parameters())
+    assert torch.equal(got.detach(), loss.detach())  # one rank, fp32: the same arithmetic
+    assert all(torch.equal(grads[n], p.grad) for n, p in reference.named_parameters())

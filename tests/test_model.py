@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from helpers import make_hf_model, rel_err, tiny_model
 from lima_core.hf import hf_key, load_pretrained
-from lima_core.model import KVCache, Llama, rope_cos_sin
+from lima_core.model import KVCache, rope_cos_sin
 
 WORST = {}  # name -> worst error seen, printed at the end of the session
 

@@ -7,7 +7,6 @@ dtypes."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
