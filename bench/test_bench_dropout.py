@@ -127,8 +127,7 @@ def _machine() -> dict:
 def test_dropout_step(benchmark, setup, monkeypatch, impl):
     model, rows, _ = setup
     p_top, stream = STEPS[impl]
-    if stream == "native" and not native.available():
-        pytest.skip(native.unavailable_reason())
+    assert stream != "native" or native.available(), native.unavailable_reason()
     if stream == "emulated":
         monkeypatch.setattr(philox, "uniform", philox_uniform)  # ops looks it up at each call
     _INFO.setdefault("load_average_before", os.getloadavg())
@@ -147,8 +146,7 @@ def test_dropout_step(benchmark, setup, monkeypatch, impl):
 def test_draw(benchmark, setup, impl):
     """One step's uniforms in one call: the op alone."""
     _, _, n = setup
-    if impl == "draw-native" and not native.available():
-        pytest.skip(native.unavailable_reason())
+    assert impl != "draw-native" or native.available(), native.unavailable_reason()
     draw = (lambda: torch.ops.lima.philox_uniform(DATA_SEED, 0, n)) if impl == "draw-native" else (
         lambda: philox_uniform(DATA_SEED, 0, n))
     benchmark.group = f"{n} Philox uniforms on the CPU"

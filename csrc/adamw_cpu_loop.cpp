@@ -10,10 +10,7 @@
 #include <type_traits>
 
 #include "adamw.h"
-
-#ifndef LIMA_CPU_NS
-#error "compile with -DLIMA_CPU_NS=cpu_default or -DLIMA_CPU_NS=cpu_avx2"
-#endif
+#include "cpu_isa.h"
 
 namespace lima {
 namespace LIMA_CPU_NS {

@@ -12,9 +12,7 @@ import argparse
 import sys
 
 import torch
-from pydantic import ValidationError
-
-from lima_core.config import SamplingConfig
+from lima_core.config import ConfigError, SamplingConfig, add_flags, config_from_args
 from lima_core.hf import load_pretrained
 from lima_core.sampling import answer
 from lima_core.tokenizer import Tokenizer
@@ -27,17 +25,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SamplingConfig]:
     parser.add_argument("--chat", action="store_true", help="multi-turn conversation on stdin (empty line ends)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for key, field in SamplingConfig.model_fields.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=field.annotation, default=field.default,
-                            help=f"{field.description} (default: {field.default})")
+    add_flags(parser, ["sampling"])
     args = parser.parse_args(argv)
     if not args.prompt and not args.chat:
         parser.error("give --prompt TEXT or --chat")
     try:
-        sampling = SamplingConfig(**{key: getattr(args, key) for key in SamplingConfig.model_fields})
-    except ValidationError as e:
-        parser.error("; ".join(f"--{err['loc'][0].replace('_', '-')}: {err['msg']}" for err in e.errors()))
-    return args, sampling
+        return args, config_from_args(args).sampling
+    except ConfigError as e:
+        parser.error(str(e))
 
 
 def main(argv=None):

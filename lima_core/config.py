@@ -284,35 +284,39 @@ def _build(cls, values: dict, where: str):
 # ---- loading: defaults < TOML < flags, every error naming where the value came from --------
 
 _SECTIONS = {name: field.annotation for name, field in Config.model_fields.items()}
-_FLAGS = {f"--{key.replace('_', '-')}": (section, key) for section, cls in _SECTIONS.items() for key in cls.model_fields}
 
 
 def load_config(argv: list[str] | None = None) -> Config:
     """Config from defaults < `--config FILE.toml` < `--key value` flags (every field is a flag)."""
-    args = _parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m lima_core.train", description=Config.__doc__)
+    parser.add_argument("--config", help="TOML file with [train], [optim], [parallel] and [sampling] tables")
+    add_flags(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def add_flags(parser: argparse.ArgumentParser, sections=tuple(_SECTIONS)) -> None:
+    """A `--key-name VALUE` flag for every field of `sections` (help: the field's docstring)."""
+    for section in sections:
+        for key, field in _SECTIONS[section].model_fields.items():
+            parser.add_argument(f"--{key.replace('_', '-')}", dest=f"{section}.{key}", default=None, metavar="VALUE",
+                                help=f"[{section}] {field.description} (default: {field.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Config from the `--config` file (when the parser has one) and the flags `add_flags` made."""
     values: dict[str, dict] = {section: {} for section in _SECTIONS}
     sources: dict[tuple[str, str], str] = {}
-    if args.config:
+    if getattr(args, "config", None):
         _read_toml(Path(args.config), values, sources)
-    for flag, (section, key) in _FLAGS.items():
-        text = getattr(args, f"{section}.{key}")
-        if text is not None:
+    for dest, text in vars(args).items():
+        section, _, key = dest.partition(".")
+        if key and text is not None:
             values[section][key] = _flag_value(text, _SECTIONS[section].model_fields[key].annotation)
-            sources[section, key] = flag
+            sources[section, key] = f"--{key.replace('_', '-')}"
     try:
         return Config(**values)
     except ValidationError as e:
         raise ConfigError(_explain(e, sources)) from None
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lima_core.train", description=Config.__doc__)
-    parser.add_argument("--config", help="TOML file with [train], [optim], [parallel] and [sampling] tables")
-    for flag, (section, key) in _FLAGS.items():
-        field = _SECTIONS[section].model_fields[key]
-        parser.add_argument(flag, dest=f"{section}.{key}", default=None, metavar="VALUE",
-                            help=f"[{section}] {field.description} (default: {field.default})")
-    return parser
 
 
 def _read_toml(path: Path, values: dict[str, dict], sources: dict[tuple[str, str], str]):

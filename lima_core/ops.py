@@ -1,7 +1,7 @@
 """The model's fused operations, in one place, so the model never chooses an implementation.
 
 Each function has the signature of the `lima_kernels` op of the same name plus `kernels`,
-the model's `ModelConfig.kernels`: "triton" runs the Triton kernel, "torch" the plain-torch
+the model's `kernels` choice (`Llama(cfg, kernels=...)`): "triton" runs the Triton kernel, "torch" the plain-torch
 reference (`lima_kernels.reference`: HF numerics, differentiable, any device), and "auto" the
 kernel on CUDA tensors and the reference elsewhere. Both compute the same function, dropout
 masks included: the reference draws Triton's Philox stream bit for bit with

@@ -16,7 +16,7 @@ native op is CPU only: other devices, and a build without lima_core/_C.so
 from __future__ import annotations
 
 import torch
-from lima_kernels.philox import philox_uniform
+from lima_kernels.philox import check_stream, philox_uniform
 
 from lima_core import native
 
@@ -34,14 +34,8 @@ def uniform(seed: int, offset: int, n: int, device=None) -> torch.Tensor:
     `lima_kernels.philox.philox_uniform(seed, offset, n, device)` (and to Triton's `tl.rand`).
     The native op draws them for a CPU device (None: torch's default device) when the library
     is built; anything else gets the emulation."""
-    seed = int(seed)
-    offset = int(offset)
     device = torch.get_default_device() if device is None else torch.device(device)
     if device.type != "cpu" or not native.available():
         return philox_uniform(seed, offset, n, device)
-    # The emulation's checks and messages, so both paths fail alike.
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    if offset < 0 or n < 0 or offset + n > 2**63:
-        raise ValueError(f"counters offset..offset+n must lie in [0, 2**63), got offset={offset}, n={n}")
+    seed, offset = check_stream(seed, offset, n)  # the emulation's checks, so both paths fail alike
     return torch.ops.lima.philox_uniform(seed, offset, n)  # [n] float32

@@ -68,6 +68,10 @@ BAD_FLAGS = [
     (["--top-p", "0"], "--top-p: sampling.top_p = 0: Input should be greater than 0"),
     (["--moment-dtype", "int8"], "--moment-dtype: optim.moment_dtype = 'int8'"),
     (["--plot", "maybe"], "--plot: train.plot = 'maybe': Input should be a valid boolean"),
+    (["--tensorboard", "maybe"], "--tensorboard: train.tensorboard = 'maybe': Input should be a valid boolean"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: sampling.max_new_tokens = 0: Input should be greater than"),
+    (["--param-dtype", "fp16"], "--param-dtype: parallel.param_dtype = 'fp16'"),
+    (["--kernels", "cuda"], "--kernels: train.kernels = 'cuda'"),
 ]
 
 
@@ -82,6 +86,12 @@ def test_the_trainer_exits_2_on_a_bad_flag_and_writes_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lima_core.train", "--epochs", "zero", "--out-dir", str(tmp_path / "r")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--epochs" in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_the_chat_command_exits_2_on_a_bad_sampling_flag(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lima_core.chat", "--checkpoint", str(tmp_path), "--prompt", "hi",
+                             "--top-p", "2"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--top-p: sampling.top_p = 2" in result.stderr
 
 
 def test_presets_have_their_published_sizes():

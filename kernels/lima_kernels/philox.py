@@ -62,15 +62,20 @@ def _philox_c0(seed: int, counter: torch.Tensor) -> torch.Tensor:
     return c0
 
 
+def check_stream(seed: int, offset: int, n: int) -> tuple[int, int]:
+    """(seed, offset) as ints, or ValueError when the stream would leave [0, 2**63)."""
+    seed, offset = int(seed), int(offset)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if offset < 0 or n < 0 or offset + n > 2**63:
+        raise ValueError(f"counters offset..offset+n must lie in [0, 2**63), got offset={offset}, n={n}")
+    return seed, offset
+
+
 def philox_uniform(seed: int, offset: int, n: int, device=None) -> torch.Tensor:
     """n float32 uniforms in [0, 1), equal bit for bit to Triton's
     `tl.rand(seed, offset + tl.arange(0, n))` (element i uses counter offset + i)."""
-    seed = int(seed)
-    offset = int(offset)
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    if offset < 0 or offset + n > 2**63:
-        raise ValueError(f"counters offset..offset+n must lie in [0, 2**63), got offset={offset}, n={n}")
+    seed, offset = check_stream(seed, offset, n)
     counter = torch.arange(n, dtype=torch.int64, device=device) + offset  # [n]
     word = _philox_c0(seed, counter)  # [n] int64 in [0, 2**32)
     # uint_to_uniform_float: bitcast to int32, x < 0 -> ~x (= 2**32 - 1 - word), then
