@@ -1,6 +1,6 @@
 """A rank of the multi-process FSDP tests (launched by torchrun from tests/test_fsdp.py).
 
-    torchrun --standalone --nproc_per_node N tests/dist_worker.py OUT {ours,fsdp2} [CHECKPOINTING]
+    torchrun --standalone --nproc_per_node N tests/dist_worker.py OUT {ours,fsdp2} [CHECKPOINTING [tied]]
 
 Trains the tiny test model for STEPS steps on fixed random batches, sharded with lima-core's
 FSDP or with PyTorch's FSDP2, and writes (rank 0) OUT/losses.json and OUT/weights.safetensors,
@@ -98,9 +98,10 @@ def train_fsdp2(model: Llama, group) -> tuple[list[float], dict]:
 def main():
     out, mode = Path(sys.argv[1]), sys.argv[2]
     checkpointing = sys.argv[3] if len(sys.argv) > 3 else "none"
+    tied = len(sys.argv) > 4 and sys.argv[4] == "tied"
     dist.init_process_group("gloo")
     group = dist.group.WORLD
-    model = tiny_model()
+    model = tiny_model(tie_embeddings=tied)
     if mode == "ours":
         losses, weights, held = train_ours(model, group, checkpointing)
     else:

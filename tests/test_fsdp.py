@@ -19,9 +19,9 @@ def reference():
     return losses, {n: p.detach() for n, p in model.named_parameters()}
 
 
-def run_worker(tmp_path, n: int, mode: str, checkpointing: str = "none"):
-    out = tmp_path / f"{mode}-{n}-{checkpointing}"
-    torchrun(n, "tests/dist_worker.py", str(out), mode, checkpointing)
+def run_worker(tmp_path, n: int, mode: str, checkpointing: str = "none", head: str = "untied"):
+    out = tmp_path / f"{mode}-{n}-{checkpointing}-{head}"
+    torchrun(n, "tests/dist_worker.py", str(out), mode, checkpointing, head)
     return json.loads((out / "losses.json").read_text()), load_file(out / "weights.safetensors")
 
 
@@ -96,3 +96,12 @@ def test_a_tied_head_shares_one_slot_with_the_embedding():
     assert sorted(grads) == sorted(n for n, _ in reference.named_parameters())
     assert torch.equal(got.detach(), loss.detach())  # one rank, fp32: the same arithmetic
     assert all(torch.equal(grads[n], p.grad) for n, p in reference.named_parameters())
+
+
+def test_a_tied_head_on_two_ranks_equals_single_process(tmp_path):
+    """The tied unit (embedding, final norm, head) stays gathered through forward and is
+    reduce-scattered once, with both uses of the weight in its gradient."""
+    model = tiny_model(tie_embeddings=True)
+    losses = train_reference(model)
+    reference = losses, {n: p.detach() for n, p in model.named_parameters()}
+    check(run_worker(tmp_path, 2, "ours", "block", "tied"), reference, "lima-core FSDP, 2 ranks, tied head")
