@@ -9,7 +9,9 @@ Backends, first available wins (decision 5 of DESIGN.md):
 Shapes: q [b, s, h, d]; k, v [b, sk, hkv, d] with h a multiple of hkv (grouped-query);
 packed rows have b == 1 and `cu_seqlens` [n + 1] (int32, cumulative example lengths).
 Without `cu_seqlens` each row is one sequence; when sk > s (a KV cache) the queries are the
-last s positions.
+last s positions. Batched decoding of prompts of different lengths (lima_core.sampling) pads
+them on the left and passes `key_mask` [b, sk] (False: a padding slot no query may see but its
+own, so no row is ever all masked).
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ def _torch_varlen():
     return varlen_attn, causal, "enable_gqa" in params
 
 
-def attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+def attention(q, k, v, cu_seqlens=None, max_seqlen=None, key_mask=None):
     """Causal attention; see the module docstring for shapes. Returns [b, s, h, d]."""
     if cu_seqlens is not None and q.is_cuda:
         return varlen_attention(q, k, v, cu_seqlens, max_seqlen)
-    return sdpa_attention(q, k, v, cu_seqlens)
+    return sdpa_attention(q, k, v, cu_seqlens, key_mask)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen):
@@ -74,7 +76,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen):
     return out.view(b, s, h, d)
 
 
-def sdpa_attention(q, k, v, cu_seqlens=None):
+def sdpa_attention(q, k, v, cu_seqlens=None, key_mask=None):
     """The reference: SDPA, with a block-diagonal causal mask for packed rows."""
     s, sk = q.shape[1], k.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
@@ -82,11 +84,14 @@ def sdpa_attention(q, k, v, cu_seqlens=None):
     if cu_seqlens is not None:
         mask = packed_causal_mask(cu_seqlens, s)  # [s, s]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    elif sk == s:
+    elif sk == s and key_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
         # The queries are the last s of sk positions: query i sees keys up to sk - s + i.
         mask = torch.ones(s, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - s)
+        if key_mask is not None:  # [b, 1, s, sk]: padding hidden from every query but its own
+            own = torch.arange(sk, device=q.device)[None, :] == torch.arange(sk - s, sk, device=q.device)[:, None]
+            mask = mask & (key_mask[:, None, None, :] | own)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)  # [b, s, heads, d]
 

@@ -157,10 +157,10 @@ class TrainConfig(_Section):
     """A preset name (random initialisation) or a folder with an HF checkpoint."""
     tokenizer: str = ""
     """tokenizer.model or tokenizer.json; empty means the checkpoint's own, or the bundled one for presets."""
-    data: str = str(ASSETS / "train.jsonl")
-    """Training conversations, LIMA JSONL."""
-    dev_data: str = str(ASSETS / "dev.jsonl")
-    """Dev conversations (LIMA used 50): dev loss and generations each epoch. Empty to skip."""
+    data: str = "auto"
+    """Training conversations, LIMA JSONL; auto: the bundled sample for a preset (a checkpoint needs its data named)."""
+    dev_data: str = "auto"
+    """Dev conversations (LIMA used 50): dev loss and generations each epoch; auto: the bundled sample for a preset, none for a checkpoint; empty: none."""
     epochs: int = Field(15, ge=1)
     """Passes over the training data."""
     batch_size: int = Field(0, ge=0)
@@ -177,6 +177,10 @@ class TrainConfig(_Section):
     """Seed of initialisation, data order and dropout masks."""
     select_epochs: tuple[int, int] = (5, 10)
     """Epoch window (of 15) the exported checkpoint is chosen from; scaled to the number of epochs."""
+    export_epochs: Literal["window", "all"] = "window"
+    """Epochs written as HF exports: window (those of the selection window, and the last) or all."""
+    export_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Dtype of the exports: auto keeps the initial checkpoint's (a preset's: dtype), or fp32 or bf16."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """Fused ops: triton (lima_kernels), torch (plain-torch references) or auto (triton on CUDA)."""
     save_every: int = Field(0, ge=0)
@@ -201,6 +205,15 @@ class TrainConfig(_Section):
         if not 1 <= window[0] <= window[1]:
             raise ValueError("must be [first, last] with 1 <= first <= last")
         return window
+
+    def data_files(self, from_checkpoint: bool) -> tuple[str, str]:
+        """(training data, dev data or ""), `auto` resolved: the bundled samples serve presets
+        only; a real checkpoint must name its training data and gets no toy dev set."""
+        if from_checkpoint and self.data == "auto":
+            raise ConfigError(f"--model {self.model} is a checkpoint: name its training data with --data FILE.jsonl")
+        data = str(ASSETS / "train.jsonl") if self.data == "auto" else self.data
+        dev = ("" if from_checkpoint else str(ASSETS / "dev.jsonl")) if self.dev_data == "auto" else self.dev_data
+        return data, dev
 
     def residual_dropout(self, n_params: int) -> float:
         """The top layer's dropout rate: as set, or LIMA's (0.3 for 65B, 0.2 for smaller models)."""

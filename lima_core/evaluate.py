@@ -1,9 +1,11 @@
 """What the trainer does at each epoch's end, and how it picks the checkpoint (LIMA 2.3).
 
-The epoch's HF export; dev loss (the mean over every assistant token of the dev set) and dev
-generations with the run's sampling settings, both collectives under FSDP (every rank runs the
-forwards); the selection window (LIMA's epochs 5-10 of 15, scaled to the run) and the default
-choice in it.
+The epoch's HF export (by default only in the selection window and at the last epoch); dev
+loss (the mean over every assistant token of the dev set) and dev generations with the run's
+sampling settings. Both are spread over the ranks: each rank runs its share of the packed dev
+rows, and decodes its share of the dev prompts as one batch, so a decode step gathers each FSDP
+unit once for everyone. The selection window (LIMA's epochs 5-10 of 15, scaled to the run) and
+the default choice in it.
 """
 
 from __future__ import annotations
@@ -11,25 +13,30 @@ from __future__ import annotations
 import torch
 
 from lima_core.config import DTYPES, SamplingConfig, TrainConfig
-from lima_core.data import Example, pack
+from lima_core.data import Example, shard_batch
 from lima_core.hf import save_sharded
 from lima_core.io import write_json
+from lima_core.ops import mix_seed
 from lima_core.run import Run
-from lima_core.sampling import answer
+from lima_core.sampling import answers
 
 
 def end_of_epoch(run: Run, sharded, epoch: int) -> dict:
     """The HF export, dev loss and (in the selection window) the dev generations of an epoch.
-    Collective: every rank runs the dev forwards (they gather parameters); rank 0 writes."""
+    Collective: every rank runs its share of the dev forwards (they gather parameters)."""
     cfg, device = run.cfg, run.dist.device
-    export = run.out / f"epoch-{epoch}"
-    save_sharded(sharded, run.model.cfg, export, run.tokenizer, sampling=cfg.sampling)
-    loss = dev_loss(run.model, run.dev_examples, cfg.train.max_len, device, DTYPES[cfg.train.dtype]) if run.dev else None
-    info = {"epoch": epoch, "export": str(export), "dev_loss": loss}
     first, last = selection_window(cfg.train)
+    export = None
+    if cfg.train.export_epochs == "all" or first <= epoch <= last or epoch == cfg.train.epochs:
+        export = run.out / f"epoch-{epoch}"
+        save_sharded(sharded, run.model.cfg, export, run.tokenizer, dtype=run.export_dtype, sampling=cfg.sampling)
+    loss = dev_loss(run.model, run.dev_examples, cfg.train.max_len, device, DTYPES[cfg.train.dtype],
+                    run.dist.rank, run.dist.world, run.dist.group) if run.dev else None
+    info = {"epoch": epoch, "export": None if export is None else str(export), "dev_loss": loss}
     if run.dev and first <= epoch <= last:
-        generator = torch.Generator(device).manual_seed(cfg.train.seed + epoch)
-        answers = dev_generations(run.model, run.tokenizer, run.dev, cfg.sampling, generator)
+        generator = torch.Generator(device).manual_seed(mix_seed(cfg.train.seed, epoch, run.dist.rank))
+        answers = dev_generations(run.model, run.tokenizer, run.dev, cfg.sampling, generator,
+                                  run.dist.rank, run.dist.world, run.dist.group)
         info["generations"] = str(run.out / f"generations-epoch-{epoch}.json")
         if run.dist.rank == 0:
             write_json(info["generations"], answers)
@@ -37,28 +44,39 @@ def end_of_epoch(run: Run, sharded, epoch: int) -> dict:
 
 
 @torch.no_grad()
-def dev_loss(model, examples: list[Example], max_len: int, device, dtype: torch.dtype) -> float:
-    """Mean token loss of the dev examples, packed into rows like training data."""
+def dev_loss(model, examples: list[Example], max_len: int, device, dtype: torch.dtype, rank: int = 0, world: int = 1,
+             group=None) -> float:
+    """Mean token loss of the dev examples, packed into rows like training data; each rank runs
+    its share of the rows (data.shard_batch) and the sums are all-reduced."""
     model.eval()
-    total, count = 0.0, 0
-    for row in pack(examples, max_len):
+    mine = shard_batch(examples, max_len, rank, world)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for _, row in mine.rows:
         row = row.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss_sum, n = model(row.tokens, row.labels, positions=row.positions, cu_seqlens=row.cu_seqlens,
+            loss_sum, _ = model(row.tokens, row.labels, positions=row.positions, cu_seqlens=row.cu_seqlens,
                                 max_seqlen=row.max_seqlen)
-        total, count = total + float(loss_sum), count + int(n)
+        total += loss_sum
+    if world > 1:
+        torch.distributed.all_reduce(total, group=group)
     model.train()
-    return total / max(count, 1)
+    return float(total) / max(mine.num_targets, 1)
 
 
 def dev_generations(model, tokenizer, conversations: list[list[str]], sampling: SamplingConfig,
-                    generator: torch.Generator) -> list[dict]:
-    """The model's answer to each dev conversation's last user turn, beside the reference answer."""
+                    generator: torch.Generator, rank: int = 0, world: int = 1, group=None) -> list[dict]:
+    """The model's answer to each dev conversation's last user turn, beside the reference answer.
+    Each rank decodes conversations rank, rank + world, ... as one batch; every rank returns all."""
     settings = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                     top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty)
-    return [{"prompt": turns[:-1], "reference": turns[-1],
-             "answer": answer(model, tokenizer, turns[:-1], generator=generator, **settings)}
-            for turns in conversations]
+    mine = answers(model, tokenizer, [turns[:-1] for turns in conversations[rank::world]], generator=generator,
+                   group=group, **settings)
+    if world > 1:
+        every = [None] * world
+        torch.distributed.all_gather_object(every, mine, group=group)  # strings between our own ranks
+        mine = [every[i % world][i // world] for i in range(len(conversations))]
+    return [{"prompt": turns[:-1], "reference": turns[-1], "answer": reply}
+            for turns, reply in zip(conversations, mine)]
 
 
 def selection_window(cfg: TrainConfig) -> tuple[int, int]:

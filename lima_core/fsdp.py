@@ -8,13 +8,15 @@ of the world size and split evenly: rank r keeps elements [r * S, (r + 1) * S) a
 master shard. The optimizer steps only shards. A parameter shared by two modules of a unit (a
 tied LM head) has one slot; both modules see the same gathered view.
 
-Per unit and step: all-gather the shard (cast to `param_dtype`) into a full flat buffer just
-before the unit's first module runs, prefetching the next unit on CUDA (an async all-gather on
-a side stream; on CPU collectives run one at a time: overlapping gloo collectives gains nothing
-on a few cores), free the buffer's storage after the unit's last module when
-`reshard_after_forward`, gather it again when the gradient reaches what that module returned (when
-`gather_for_backward`), and reduce-scatter the gradient (`reduce_dtype`) into an fp32 shard
-gradient as soon as autograd has accumulated it.
+Per unit and step: all-gather the shard into a full flat buffer just before the unit's first
+module runs, prefetching the next unit on CUDA (an async all-gather on a side stream; on CPU
+collectives run one at a time: overlapping gloo collectives gains nothing on a few cores), free
+the buffer's storage after the unit's last module when `reshard_after_forward`, gather it again
+when the gradient reaches what that module returned (when `gather_for_backward`), and
+reduce-scatter the gradient (`reduce_dtype`) into an fp32 shard gradient as soon as autograd
+has accumulated it. Gathers move `param_dtype`: with bf16, each rank keeps a bf16 copy of its
+shard that the optimizer writes in the pass of its update (`FSDP.param_copies`), so a gather
+sends that copy as it is, with no cast per gather.
 
 The model stays pure: FSDP removes the unit's nn.Parameters from the modules and sets plain
 attributes of the same names that are views into the gathered buffer; forward hooks and a
@@ -102,6 +104,8 @@ class Unit:
         self.shard_numel = math.ceil(offset / world)
         self.decay_numel = sum(s.numel for s in self.slots if s.decay)
         self.shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
+        # The shard in the compute dtype: what the all-gather sends; None when that is fp32.
+        self.copy = None if param_dtype == torch.float32 else torch.zeros_like(self.shard, dtype=param_dtype)
         self.grad = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         self.pieces = self._pieces()
         if world == 1 and param_dtype == torch.float32:
@@ -137,6 +141,15 @@ class Unit:
         a, b = max(lo, start), min(hi, start + values.numel())
         if b > a:
             self.shard[a - lo:b - lo].copy_(values.reshape(-1)[a - start:b - start])
+            if self.copy is not None:
+                self.copy[a - lo:b - lo].copy_(self.shard[a - lo:b - lo])
+
+    @torch.no_grad()
+    def refresh_copy(self):
+        """Round the whole master shard into the compute-dtype copy (after writing the shard
+        other than through write_range or an optimizer that writes the copies)."""
+        if self.copy is not None:
+            self.copy.copy_(self.shard)
 
     # ---- parameters in and out -----------------------------------------------------------
     def gather(self, async_op: bool = False, stream=None):
@@ -147,13 +160,15 @@ class Unit:
             return
         storage = self.full.untyped_storage()
         storage.resize_(self.full.numel() * self.full.element_size())
+        send = self.shard if self.copy is None else self.copy
         if self.world == 1:
             with torch.no_grad():
-                self.full.data.copy_(self.shard)
+                self.full.data.copy_(send)
             self.gathered = True
             return
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())  # the optimizer wrote `send` there
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            send = self.shard.to(self.param_dtype)
             work = _all_gather(self.full.data, send, group=self.group, async_op=True)
         self._pending = (work, send, stream)
         if not async_op:
@@ -223,6 +238,17 @@ class FSDP:
         return [{"params": [p.param for p in pieces if p.decay], "weight_decay": weight_decay},
                 {"params": [p.param for p in pieces if not p.decay], "weight_decay": 0.0}]
 
+    def param_copies(self) -> dict[nn.Parameter, torch.Tensor]:
+        """{optimizer parameter: its compute-dtype copy} for an optimizer that writes the copy in
+        the same pass as the update (lima_core.fused_adamw); empty when gathering in fp32."""
+        return {p.param: u.copy[p.offset:p.offset + p.param.numel()]
+                for u in self.units if u.copy is not None for p in u.pieces}
+
+    def refresh_copies(self):
+        """Round every master shard into its compute-dtype copy (after an optimizer that does not)."""
+        for u in self.units:
+            u.refresh_copy()
+
     def zero_grad(self):
         for u in self.units:
             u.grad.zero_()
@@ -240,13 +266,15 @@ class FSDP:
         return total
 
     @torch.no_grad()
-    def full_tensors(self, unit: Unit) -> dict[str, torch.Tensor]:
-        """One unit's parameters as whole fp32 tensors, by state-dict name (collective)."""
+    def full_tensors(self, unit: Unit, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """One unit's parameters as whole tensors in `dtype` (rounded from the fp32 masters), by
+        state-dict name (collective)."""
+        send = unit.shard.to(dtype)
         if self.world == 1:
-            flat = unit.shard
+            flat = send
         else:
-            flat = torch.empty(unit.shard_numel * unit.world, dtype=torch.float32, device=unit.shard.device)
-            _all_gather(flat, unit.shard, group=self.group)
+            flat = torch.empty(unit.shard_numel * unit.world, dtype=dtype, device=unit.shard.device)
+            _all_gather(flat, send, group=self.group)
         return {s.name: flat[s.offset:s.offset + s.numel].view(s.shape).clone() for s in unit.slots}
 
     def state_dict_names(self) -> list[str]:

@@ -6,10 +6,10 @@ permutation). Every export is written into a temporary folder and renamed into p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lima_core.config import ConfigError, ModelConfig, RopeScaling, SamplingConfig
-from lima_core.io import atomic_dir, write_json
+from lima_core.io import atomic_dir, commit_dir, temp_path, write_json
 from lima_core.model import Llama
 
 # Our parameter names -> HF's, per block ({} is the layer index).
@@ -189,33 +189,46 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
 
 def save_sharded(sharded, cfg: ModelConfig, path: str | Path, tokenizer=None, *, dtype: torch.dtype = torch.float32,
                  sampling: SamplingConfig = SamplingConfig(), max_shard_bytes: int = 5 * 2**30):
-    """Export a sharded model in HF format; a collective (every rank calls it), rank 0 writes.
+    """Export a sharded model in HF format in `dtype`; a collective (every rank calls it).
 
-    Units are gathered one at a time and written file by file, so no rank ever holds more
-    than one safetensors file's worth of tensors plus one unit. The folder appears atomically.
+    Units are gathered one at a time, already cast to `dtype`, and the safetensors files are
+    written by the ranks in turn (file i by rank i mod world), so no rank holds more than one
+    file's worth of tensors and the writing is spread over the ranks. Like the train state,
+    this needs the run folder on a filesystem every rank sees. The folder appears atomically.
     """
-    import torch.distributed as dist
-
     path = Path(path)
     files = _plan_files(sharded.units, torch.finfo(dtype).bits // 8, max_shard_bytes)
-    with atomic_dir(path) if sharded.rank == 0 else contextlib.nullcontext() as tmp:  # tmp: None off rank 0
-        weight_map, total = {}, 0
-        for i, units in enumerate(files, start=1):
-            tensors = {}
-            for unit in units:  # a collective: every rank gathers every unit
-                tensors.update({hf_key(k): v.to("cpu", dtype) for k, v in sharded.full_tensors(unit).items()})
-            if tmp is None:
-                continue
-            name = "model.safetensors" if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
-            save_file(tensors, tmp / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, name))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        if tmp is not None:
-            if len(files) > 1:
-                write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-            _write_configs(tmp, cfg, dtype, tokenizer, sampling)
+    names = [_file_name(i, len(files)) for i in range(len(files))]
+    tmp = temp_path(path)
+    if sharded.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(sharded)
+    weight_map, total = {}, 0
+    for i, units in enumerate(files):
+        tensors = {}
+        for unit in units:  # a collective: every rank gathers every unit
+            tensors.update({hf_key(k): v.cpu() for k, v in sharded.full_tensors(unit, dtype).items()})
+        weight_map.update(dict.fromkeys(tensors, names[i]))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        if i % sharded.world == sharded.rank:
+            save_file(tensors, tmp / names[i], metadata={"format": "pt"})
+    _barrier(sharded)
+    if sharded.rank == 0:
+        if len(files) > 1:
+            write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_configs(tmp, cfg, dtype, tokenizer, sampling)
+        commit_dir(tmp, path)
+    _barrier(sharded)  # the export exists for every rank once this returns
+
+
+def _file_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _barrier(sharded):
     if sharded.world > 1:
-        dist.barrier(group=sharded.group)  # the export exists for every rank once this returns
+        torch.distributed.barrier(group=sharded.group)
 
 
 def _plan_files(units, element_size: int, max_shard_bytes: int) -> list[list]:
@@ -229,6 +242,25 @@ def _plan_files(units, element_size: int, max_shard_bytes: int) -> list[list]:
         files[-1].append(unit)
         size += nbytes
     return files
+
+
+_STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint is stored in: its config.json's `dtype` (transformers 5) or
+    `torch_dtype` (4), else its first stored tensor's."""
+    path = Path(path)
+    d = json.loads((path / "config.json").read_text())
+    name = d.get("dtype") or d.get("torch_dtype")
+    if name is None:
+        with safe_open(str(_safetensors_files(path)[0]), framework="pt", device="cpu") as f:
+            first = next(iter(f.keys()), None)
+            name = None if first is None else f.get_slice(first).get_dtype()
+    if name not in _STORED_DTYPES:
+        raise ConfigError(f"{path / 'config.json'}: weights stored as {name!r}; float32, bfloat16 and float16 are supported")
+    return _STORED_DTYPES[name]
 
 
 def read_config(path: str | Path) -> ModelConfig:

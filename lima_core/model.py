@@ -78,9 +78,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
         q = ops.rotary(q, cos, sin, self.kernels)
         k = ops.rotary(k, cos, sin, self.kernels)
+        key_mask = None
         if cache is not None:
             k, v = cache.update(k, v)  # [b, cached + s, hkv, d]
-        y = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # [b, s, h, d]
+            key_mask = cache.key_mask(k.shape[1])  # [b, cached + s], or None without padding
+        y = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_mask=key_mask)  # [b, s, h, d]
         return self.wo(y.reshape(b, s, self.n_heads * self.head_dim))
 
 
@@ -153,13 +155,23 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None):
-        """Random initialisation as transformers does it: N(0, init_std) weights, unit norms."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) or (isinstance(module, Head) and not module.tied):
-                module.weight.normal_(0.0, self.cfg.init_std, generator=generator)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+        """Random initialisation as transformers does it (see init_stds), from one generator."""
+        stds = self.init_stds()
+        for name, p in self.named_parameters():
+            if stds[name] is None:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, stds[name], generator=generator)
         self.init_buffers()
+
+    def init_stds(self) -> dict[str, float | None]:
+        """Each parameter's initialisation: N(0, init_std) for linear, embedding and head
+        weights; None for norm weights, which start at one."""
+        stds = {}
+        for prefix, module in self.named_modules():
+            for name, _ in module.named_parameters(recurse=False):
+                stds[f"{prefix}.{name}" if prefix else name] = None if isinstance(module, RMSNorm) else self.cfg.init_std
+        return stds
 
     def init_buffers(self):
         """Recompute non-persistent buffers (after building on the meta device)."""
@@ -209,14 +221,22 @@ class Llama(nn.Module):
 
 
 class KVCache:
-    """Keys and values of past positions for incremental decoding, [b, max_len, hkv, d] per layer."""
+    """Keys and values of past positions for incremental decoding, [b, max_len, hkv, d] per layer.
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+    `padding` [b, max_len] (True: a slot that holds no token, e.g. the left padding of a
+    shorter prompt in a batch) keeps those slots out of every real query's attention."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype, padding=None):
         shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.length = 0
         self.max_len = max_len
+        self.padding = padding
+
+    def key_mask(self, end: int):
+        """[b, end] True where a key may be attended to; None when nothing is padding."""
+        return None if self.padding is None else ~self.padding[:, :end]
 
     def layer(self, i: int) -> "_LayerCache":
         return _LayerCache(self, i)
@@ -237,3 +257,6 @@ class _LayerCache:
         c.k[self.i][:, start:end] = k
         c.v[self.i][:, start:end] = v
         return c.k[self.i][:, :end], c.v[self.i][:, :end]
+
+    def key_mask(self, end: int):
+        return self.cache.key_mask(end)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from lima_core.config import PRESETS, Config, ConfigError, ModelConfig
+from lima_core.config import DTYPES, PRESETS, Config, ConfigError, ModelConfig, TrainConfig
 from lima_core.data import Example, encode_conversation, read_conversations
-from lima_core.hf import read_config
+from lima_core.hf import checkpoint_dtype, read_config
 from lima_core.model import Llama
 from lima_core.parallelize import Distributed
 from lima_core.tokenizer import Tokenizer
@@ -33,7 +33,10 @@ class Run:
     batch_size: int
     out: Path
     init_from: Path | None
-    """HF checkpoint the (meta-device) model is filled from once sharded; None: already initialised."""
+    """HF checkpoint the (meta-device) model is filled from once sharded; None: a preset, drawn
+    from the seed once sharded."""
+    export_dtype: torch.dtype
+    """Dtype of the epoch exports (train.export_dtype, resolved)."""
 
 
 def prepare(cfg: Config, dist: Distributed) -> Run:
@@ -43,18 +46,20 @@ def prepare(cfg: Config, dist: Distributed) -> Run:
     if checkpoint is None and t.model not in PRESETS:
         raise ConfigError(f"--model {t.model!r} is neither a checkpoint folder nor a preset name")
     tokenizer = Tokenizer(t.tokenizer or checkpoint or BUNDLED_TOKENIZER)
-    train, dev = read_conversations(t.data), read_conversations(t.dev_data) if t.dev_data else []
-    model = build_model(cfg, checkpoint, tokenizer, dist.device)
+    data, dev_data = t.data_files(from_checkpoint=checkpoint is not None)
+    train, dev = read_conversations(data), read_conversations(dev_data) if dev_data else []
+    model = build_model(cfg, checkpoint, tokenizer)
     n_params = model.cfg.num_params()
     model.set_residual_dropout(t.residual_dropout(n_params))
     encode = lambda turns: encode_conversation(tokenizer, turns, t.max_len)  # noqa: E731
     return Run(cfg, dist, model, tokenizer, [encode(c) for c in train], dev, [encode(c) for c in dev],
-               t.global_batch(n_params), Path(t.out_dir) / t.name, checkpoint)
+               t.global_batch(n_params), Path(t.out_dir) / t.name, checkpoint, export_dtype(t, checkpoint))
 
 
-def build_model(cfg: Config, checkpoint: Path | None, tokenizer: Tokenizer, device: torch.device) -> Llama:
-    """A checkpoint's model on the meta device (each rank reads its own slices once sharded), or
-    a preset initialised in full on every rank from the same seed."""
+def build_model(cfg: Config, checkpoint: Path | None, tokenizer: Tokenizer) -> Llama:
+    """The model on the meta device, without values: once sharded, each rank reads its own
+    slices of the checkpoint (hf.load_sharded) or draws its own part of a preset's random
+    initialisation (init.init_sharded)."""
     torch.manual_seed(cfg.train.seed)
     if checkpoint is not None:
         with torch.device("meta"):
@@ -63,7 +68,13 @@ def build_model(cfg: Config, checkpoint: Path | None, tokenizer: Tokenizer, devi
         return model
     mcfg = ModelConfig.from_name(cfg.train.model, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
                                  eos_id=tokenizer.eos_id)
-    with torch.device(device):
-        model = Llama(mcfg, kernels=cfg.train.kernels)
-    model.init_weights(torch.Generator(device).manual_seed(cfg.train.seed))
-    return model
+    with torch.device("meta"):
+        return Llama(mcfg, kernels=cfg.train.kernels)
+
+
+def export_dtype(t: TrainConfig, checkpoint: Path | None) -> torch.dtype:
+    """As set, or auto: the initial checkpoint's dtype (a bf16 checkpoint exports bf16), and for
+    a preset the compute dtype."""
+    if t.export_dtype != "auto":
+        return DTYPES[t.export_dtype]
+    return checkpoint_dtype(checkpoint) if checkpoint is not None else DTYPES[t.dtype]

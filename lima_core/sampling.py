@@ -2,12 +2,19 @@
 p 0.9, temperature 0.7, repetition penalty 1.2), a KV cache, and a stop at EOT. Temperature 0 is
 greedy decoding.
 
+Prompts are decoded together as one batch: shorter prompts are padded on the left (padding is
+hidden from attention and from the repetition penalty, and positions restart at each prompt's
+first token), and each row stops on its own. On a sharded model every decode step gathers each
+unit once for the whole batch; with a process group, every rank decodes its own prompts until
+every rank is done (the forward holds collectives, so all ranks must run the same steps).
+
 Exported as `lima_core.generate`; the command line is `python -m lima_core.chat`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from lima_core.config import SamplingConfig
 from lima_core.data import prompt_ids
@@ -18,51 +25,93 @@ LIMA = SamplingConfig()
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty (as transformers applies it): seen tokens' logits divided by the penalty
-    when positive, multiplied when negative. logits [vocab], seen [n] token ids."""
-    if penalty == 1.0 or seen.numel() == 0:
+    when positive, multiplied when negative. logits [b, vocab], seen [b, vocab] bool."""
+    if penalty == 1.0:
         return logits
-    picked = logits.gather(0, seen)
-    return logits.scatter(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:
-    """One token from logits [vocab]: argmax at temperature 0, else nucleus sampling."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """One token per row of logits [b, vocab] -> [b]: argmax at temperature 0, else nucleus sampling."""
     if temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
     # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
-    drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
-    sorted_probs[drop] = 0.0
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)
-    return int(order[choice])
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # [b, 1]
+    return order.gather(-1, choice)[:, 0]
 
 
 @torch.no_grad()
-def generate(model: Llama, prompt: list[int], *, max_new_tokens: int = LIMA.max_new_tokens,
-             temperature: float = LIMA.temperature, top_p: float = LIMA.top_p,
-             repetition_penalty: float = LIMA.repetition_penalty, stop_ids=(), generator=None) -> list[int]:
-    """Continue `prompt` (token ids); returns the new ids, the stop token included if reached."""
+def generate_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: int = LIMA.max_new_tokens,
+                   temperature: float = LIMA.temperature, top_p: float = LIMA.top_p,
+                   repetition_penalty: float = LIMA.repetition_penalty, stop_ids=(), generator=None,
+                   group=None) -> list[list[int]]:
+    """Continue each prompt (token ids); returns each row's new ids, its stop token included if
+    reached. With `group`, a collective: ranks may hold different numbers of prompts (even none)."""
     was_training = model.training
     model.eval()
     weight = model.tok_embeddings.weight
-    cache = KVCache(model.cfg, 1, len(prompt) + max_new_tokens, weight.device, weight.dtype)
-    history = torch.tensor(prompt, device=weight.device)
-    logits = model(history[None], cache=cache)[0, -1]  # [vocab]
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = apply_repetition_penalty(logits.float(), history, repetition_penalty)
-        token = sample_next(logits, temperature, top_p, generator)
-        new.append(token)
-        if token in stop_ids or len(new) == max_new_tokens:
+    device = weight.device
+    rows = prompts or [[0]]  # a rank without prompts still runs every step's collectives
+    b, longest = len(rows), max(len(p) for p in rows)
+    pad = torch.tensor([longest - len(p) for p in rows], device=device)  # [b] left padding
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in rows], device=device)  # [b, longest]
+    slots = torch.arange(longest + max_new_tokens, device=device)
+    padding = slots[None, :] < pad[:, None] if any(len(p) < longest for p in rows) else None
+    cache = KVCache(model.cfg, b, longest + max_new_tokens, device, weight.dtype, padding=padding)
+    seen = torch.zeros(b, model.cfg.vocab_size, dtype=torch.bool, device=device)  # for the penalty
+    for i, p in enumerate(rows):
+        seen[i, p] = True
+    positions = (slots[None, :longest] - pad[:, None]).clamp(min=0)  # [b, longest]
+    logits = model(tokens, positions=positions, cache=cache)[:, -1]  # [b, vocab]
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    new = torch.empty(b, 0, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = sample_next(apply_repetition_penalty(logits.float(), seen, repetition_penalty), temperature,
+                            top_p, generator)  # [b]
+        new = torch.cat([new, token[:, None]], dim=1)
+        seen[torch.arange(b, device=device), token] = True
+        done |= torch.isin(token, stops)
+        if step + 1 == max_new_tokens or not _anyone_decoding(done, group):
             break
-        history = torch.cat([history, history.new_tensor([token])])
-        logits = model(history[-1:][None], cache=cache)[0, -1]
+        logits = model(token[:, None], positions=(longest - pad + step)[:, None], cache=cache)[:, -1]
     model.train(was_training)
-    return new
+    return [_until_stop(row, set(stop_ids)) for row in new.tolist()][:len(prompts)]
 
 
-def answer(model: Llama, tokenizer, turns: list[str], **sampling) -> str:
+def _anyone_decoding(done: torch.Tensor, group) -> bool:
+    """Whether a row of this rank, or of any rank of `group`, has not stopped (one host sync)."""
+    busy = (~done).any().to(torch.int32)
+    if group is not None:
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=group)
+    return bool(busy)
+
+
+def _until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:i + 1]
+    return ids
+
+
+def generate(model: Llama, prompt: list[int], **settings) -> list[int]:
+    """Continue one prompt; `settings` as generate_batch's."""
+    return generate_batch(model, [prompt], **settings)[0]
+
+
+def answers(model: Llama, tokenizer, conversations: list[list[str]], **settings) -> list[str]:
+    """The assistant's reply to each conversation (each ends with a user turn), decoded as one batch."""
+    stop_ids = {tokenizer.eot_id, tokenizer.eos_id}
+    ids = generate_batch(model, [prompt_ids(tokenizer, turns) for turns in conversations], stop_ids=stop_ids,
+                         **settings)
+    return [tokenizer.decode(row) for row in ids]
+
+
+def answer(model: Llama, tokenizer, turns: list[str], **settings) -> str:
     """The assistant's reply to a conversation that ends with a user turn."""
-    ids = generate(model, prompt_ids(tokenizer, turns), stop_ids={tokenizer.eot_id, tokenizer.eos_id}, **sampling)
-    return tokenizer.decode(ids)
+    return answers(model, tokenizer, [turns], **settings)[0]

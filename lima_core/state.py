@@ -131,6 +131,7 @@ def load_state(path: str | Path, sharded, optimizer) -> Progress:
         values = {kind: _read_range(files, f"{unit.name}.{kind}", *unit.local_range)
                   for kind in ("param", *MOMENTS)}
         unit.shard.copy_(values["param"])
+        unit.refresh_copy()
         for piece in unit.pieces:
             a, b = piece.offset, piece.offset + piece.param.numel()
             optimizer.state[piece.param] = {

@@ -25,6 +25,7 @@ from lima_core.config import DTYPES, Config, ConfigError, load_config
 from lima_core.data import DataError, Example, epoch_batches, shard_batch
 from lima_core.evaluate import end_of_epoch, selection_window, summarize
 from lima_core.hf import load_sharded
+from lima_core.init import init_sharded
 from lima_core.io import remove_stale_temps, write_json
 from lima_core.metrics import MetricsLogger, plot_losses
 from lima_core.model import Llama
@@ -128,15 +129,18 @@ def start(run: Run, sharded, optimizer) -> Progress:
 def fit(run: Run) -> dict:
     """Shard, build the optimizer, train, and write the summary; returns it."""
     cfg = run.cfg
+    stds = run.model.init_stds()  # read before sharding takes the parameters away
     sharded = parallelize(run.model, group=run.dist.group, checkpointing=cfg.parallel.checkpointing,
                           device=run.dist.device, param_dtype=cfg.param_dtype,
                           reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
     if run.init_from is not None:
         load_sharded(sharded, run.init_from)
-    if run.model.inv_freq.is_meta:
-        run.model.init_buffers()
+    else:
+        init_sharded(sharded, stds, cfg.train.seed)
+    run.model.init_buffers()
     optimizer = adamw(sharded.param_groups(cfg.optim.weight_decay), cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
-                      fused=cfg.optim.fused_adamw, moment_dtype=DTYPES[cfg.optim.moment_dtype])
+                      fused=cfg.optim.fused_adamw, moment_dtype=DTYPES[cfg.optim.moment_dtype],
+                      copies=sharded.param_copies())
     progress = start(run, sharded, optimizer)
     with MetricsLogger(run.out, enabled=run.dist.rank == 0, history=progress.history,
                        tensorboard=cfg.train.tensorboard) as log:
@@ -160,6 +164,9 @@ def run_job(cfg: Config, dist: Distributed) -> int:
         print(f"lima-core: {cfg.train.model} ({run.model.cfg.num_params() / 1e6:.1f}M parameters) on {dist.device} "
               f"x {dist.world}, {len(run.train)} training conversations, batch {run.batch_size}, "
               f"{cfg.train.epochs} epochs -> {run.out}", file=sys.stderr)
+        if not run.dev:
+            print("lima-core: no dev set (--dev-data): no dev loss or generations; the last epoch of the "
+                  "selection window is the default choice", file=sys.stderr)
     try:
         summary = fit(run)
     except Diverged as e:

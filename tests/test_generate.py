@@ -9,7 +9,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
 from helpers import ASSETS, make_hf_model
-from lima_core.sampling import apply_repetition_penalty, generate, sample_next
+from lima_core.sampling import apply_repetition_penalty, generate, generate_batch, sample_next
 from lima_core.hf import load_pretrained
 
 
@@ -34,18 +34,37 @@ def test_generation_stops_at_a_stop_token(tmp_path):
     assert stopped == free[:free.index(free[3]) + 1]
 
 
+@pytest.mark.parametrize("name", ["gqa-llama3-rope", "odd-tied"])
+def test_a_batch_of_prompts_decodes_as_each_prompt_alone(tmp_path, name):
+    """Left padding is invisible: prompts of lengths 1 to 17 decoded together give the greedy
+    answers each gives alone (which equal transformers', above), and each row stops on its own."""
+    hf = make_hf_model(name).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (1, 5, 17, 2, 11, 8)]
+    settings = dict(max_new_tokens=16, temperature=0, repetition_penalty=1.2)
+    alone = [generate(ours, p, **settings) for p in prompts]
+    assert generate_batch(ours, prompts, **settings) == alone
+    stop_ids = {alone[2][3], alone[4][9]}  # two rows stop early, at different steps
+    alone = [generate(ours, p, stop_ids=stop_ids, **settings) for p in prompts]
+    assert any(len(a) < 16 for a in alone)
+    assert generate_batch(ours, prompts, stop_ids=stop_ids, **settings) == alone
+
+
 def test_repetition_penalty_equals_transformers():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     seen = torch.tensor([3, 7, 7, 20, 49])
     expected = RepetitionPenaltyLogitsProcessor(1.2)(seen[None], logits[None].clone())[0]
-    assert torch.equal(apply_repetition_penalty(logits, seen, 1.2), expected)
+    seen_mask = torch.zeros(50, dtype=torch.bool).index_fill(0, seen, True)
+    assert torch.equal(apply_repetition_penalty(logits[None], seen_mask[None], 1.2)[0], expected)
 
 
 def test_nucleus_sampling_draws_only_from_transformers_top_p_set():
     logits = torch.randn(40, generator=torch.Generator().manual_seed(1)) * 3
     kept = TopPLogitsWarper(0.9)(None, logits[None] / 0.7)[0].isfinite()
     g = torch.Generator().manual_seed(0)
-    drawn = {sample_next(logits, 0.7, 0.9, g) for _ in range(3000)}
+    drawn = set(sample_next(logits.expand(3000, -1), 0.7, 0.9, g).tolist())
     assert drawn == set(kept.nonzero().flatten().tolist())  # every kept token appears in 3000 draws
 
 

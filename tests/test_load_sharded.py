@@ -58,3 +58,48 @@ def test_sliced_loading_and_streaming_export_round_trip(checkpoint, tmp_path, ra
             torch.testing.assert_close(exported[key][-1], value.double().mean(0).float(), rtol=0, atol=1e-7)
         else:
             assert torch.equal(exported[key], value), key
+
+
+def test_two_ranks_from_a_bf16_checkpoint_stay_bf16_end_to_end(tmp_path):
+    """--dtype bf16 on 2 gloo ranks from a bf16 checkpoint: the export is bf16 (the checkpoint's
+    dtype), transformers reads it with lima-core's logits, and the dev answers decoded as one
+    batch split over the ranks equal one-prompt-at-a-time greedy decoding of the export."""
+    base_vocab = Tokenizer(ASSETS / "tokenizer.model").base_vocab_size
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=base_vocab, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    checkpoint = tmp_path / "ckpt"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(checkpoint)
+    lines = (ASSETS / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("".join(line + "\n" for line in lines[:4]))
+    (tmp_path / "dev.jsonl").write_text("".join(line + "\n" for line in (ASSETS / "dev.jsonl").read_text().splitlines()[:5]))
+    args = ["-m", "lima_core.train", "--model", str(checkpoint), "--tokenizer", str(ASSETS / "tokenizer.model"),
+            "--data", str(tmp_path / "train.jsonl"),
+            "--dev-data", str(tmp_path / "dev.jsonl"), "--out-dir", str(tmp_path / "runs"), "--name", "t",
+            "--epochs", "1", "--batch-size", "4", "--lr", "0", "--lr-end", "0", "--plot", "false", "--dtype", "bf16",
+            "--temperature", "0", "--max-new-tokens", "6"]
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+
+    original, exported = exported_tensors(checkpoint), exported_tensors(run / "epoch-1")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    for key, value in original.items():  # lr 0: bf16 in, bf16 out, bit for bit (but the new EOT row)
+        assert torch.equal(exported[key][:value.shape[0]], value), key
+
+    from helpers import rel_err
+    from lima_core.hf import load_pretrained
+    from lima_core.sampling import answer
+
+    tokens = torch.randint(0, base_vocab, (1, 19), generator=torch.Generator().manual_seed(0))
+    theirs = LlamaForCausalLM.from_pretrained(run / "epoch-1", dtype=torch.float32)(tokens).logits
+    ours = load_pretrained(run / "epoch-1")(tokens)
+    assert rel_err(ours, theirs) < 1e-5  # the same bf16 weights, both computed in fp32
+
+    model = load_pretrained(run / "epoch-1", dtype=torch.bfloat16)
+    tok = Tokenizer(run / "epoch-1")
+    generations = __import__("json").loads((run / "generations-epoch-1.json").read_text())
+    assert len(generations) == 5
+    for g in generations:
+        assert g["answer"] == answer(model, tok, g["prompt"], max_new_tokens=6, temperature=0), g["prompt"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from helpers import ASSETS, make_hf_model, random_batches, rel_err
+from helpers import ASSETS, TORCHRUN, make_hf_model, random_batches, rel_err
 from lima_core import train as train_module
 from lima_core.data import IGNORE
 from lima_core.hf import hf_key, load_pretrained
@@ -92,6 +92,27 @@ def test_a_run_writes_metrics_exports_summary_and_plot(tmp_path):
     for epoch in (1, 2, 3):
         theirs = LlamaForCausalLM.from_pretrained(run / f"epoch-{epoch}")
         assert rel_err(theirs(tokens).logits, load_pretrained(run / f"epoch-{epoch}")(tokens)) < 1e-5  # fp32 target
+
+
+def test_a_preset_starts_from_the_same_weights_on_one_and_two_ranks(tmp_path):
+    """The preset is built on the meta device and each rank draws only its own shards; the
+    values are those of one process. With lr 0 the export is the initialisation itself."""
+    from safetensors.torch import load_file
+
+    exports = []
+    for ranks in (1, 2):
+        (tmp_path / str(ranks)).mkdir()
+        args = small_run_args(tmp_path / str(ranks), "--epochs", "1", "--lr", "0", "--lr-end", "0", "--dev-data", "",
+                              "--plot", "false")
+        launcher = [sys.executable] if ranks == 1 else [TORCHRUN, "--standalone", "--nproc_per_node", "2"]
+        result = subprocess.run([*launcher, "-m", "lima_core.train", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        exports.append(load_file(tmp_path / str(ranks) / "runs" / "t" / "epoch-1" / "model.safetensors"))
+    assert exports[0].keys() == exports[1].keys()
+    for key, value in exports[0].items():
+        assert torch.equal(value, exports[1][key]), key
+    embedding = exports[0]["model.embed_tokens.weight"]
+    assert abs(float(embedding.std()) / 0.02 - 1) < 0.05  # N(0, init_std), not zeros or ones
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_export(tmp_path, monkeypatch, capsys):
