@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import torch
-from lima_core.config import ConfigError, SamplingConfig, add_flags, config_from_args
+from lima_core.config import DTYPES, ConfigError, SamplingConfig, add_flags, config_from_args
 from lima_core.hf import load_pretrained
 from lima_core.sampling import answer
 from lima_core.tokenizer import Tokenizer
@@ -25,6 +25,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SamplingConfig]:
     parser.add_argument("--chat", action="store_true", help="multi-turn conversation on stdin (empty line ends)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="dtype the weights are loaded and computed in (bf16 halves the memory)")
     add_flags(parser, ["sampling"])
     args = parser.parse_args(argv)
     if not args.prompt and not args.chat:
@@ -37,7 +39,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SamplingConfig]:
 
 def main(argv=None):
     args, sampling = parse_args(argv)
-    model = load_pretrained(args.checkpoint, device=args.device)
+    model = load_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device)
     tokenizer = Tokenizer(args.checkpoint)
     settings = dict(sampling.model_dump(), generator=torch.Generator(args.device).manual_seed(args.seed))
     turns = [args.prompt] if args.prompt else []

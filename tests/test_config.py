@@ -72,6 +72,8 @@ BAD_FLAGS = [
     (["--max-new-tokens", "0"], "--max-new-tokens: sampling.max_new_tokens = 0: Input should be greater than"),
     (["--param-dtype", "fp16"], "--param-dtype: parallel.param_dtype = 'fp16'"),
     (["--kernels", "cuda"], "--kernels: train.kernels = 'cuda'"),
+    (["--export-dtype", "fp16"], "--export-dtype: train.export_dtype = 'fp16'"),
+    (["--export-epochs", "some"], "--export-epochs: train.export_epochs = 'some'"),
 ]
 
 
@@ -86,6 +88,18 @@ def test_the_trainer_exits_2_on_a_bad_flag_and_writes_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lima_core.train", "--epochs", "zero", "--out-dir", str(tmp_path / "r")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--epochs" in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_gets_no_toy_data(tmp_path):
+    """The bundled samples serve presets; a real checkpoint must name its data and is not
+    evaluated on the toy dev set unless asked to."""
+    t = load_config(["--model", str(tmp_path)]).train
+    with pytest.raises(ConfigError, match="--model .* is a checkpoint: name its training data with --data"):
+        t.data_files(from_checkpoint=True)
+    t = load_config(["--model", str(tmp_path), "--data", "mine.jsonl"]).train
+    assert t.data_files(from_checkpoint=True) == ("mine.jsonl", "")
+    data, dev = load_config([]).train.data_files(from_checkpoint=False)
+    assert data.endswith("assets/train.jsonl") and dev.endswith("assets/dev.jsonl")
 
 
 def test_the_chat_command_exits_2_on_a_bad_sampling_flag(tmp_path):

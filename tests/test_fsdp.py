@@ -80,6 +80,36 @@ def test_bf16_compute_close_to_fp32_and_units_cover_every_parameter():
     assert 1e-4 < rel < 0.03
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_gathers_send_the_copy_the_optimizer_writes(fused):
+    """With bf16 gathers each unit keeps a bf16 copy of its master shard: the native AdamW
+    writes it in the pass of its update (the torch fallback after its step), and it is always
+    the master rounded to nearest even, which is what a gather sends."""
+    from lima_core.optim import adamw
+    from lima_core.parallelize import parallelize
+
+    model = tiny_model()
+    sharded = parallelize(model, checkpointing="none", param_dtype=torch.bfloat16)
+    assert all(torch.equal(u.copy, u.shard.to(torch.bfloat16)) for u in sharded.units)  # filled with the shard
+    optimizer = adamw(sharded.param_groups(0.1), 1e-2, (0.9, 0.95), fused=fused, copies=sharded.param_copies())
+    if fused:
+        assert type(optimizer).__name__ == "FusedAdamW"
+    tokens, labels = torch.randint(3, 101, (1, 20)), torch.randint(3, 101, (1, 20))
+    for _ in range(3):
+        loss, n = model(tokens, labels)
+        (loss / n).backward()
+        before = [u.copy.clone() for u in sharded.units]
+        optimizer.step()
+        sharded.zero_grad()
+        for unit, old in zip(sharded.units, before):
+            assert not torch.equal(unit.copy, old), unit.name  # the copy moved with the step
+            assert torch.equal(unit.copy, unit.shard.to(torch.bfloat16)), unit.name
+        gathered = sharded.units[1]
+        gathered.gather()
+        assert torch.equal(gathered.full.detach(), gathered.copy)  # one rank: the gather is the copy
+        gathered.free()
+
+
 def test_a_tied_head_shares_one_slot_with_the_embedding():
     """The tied head reads the embedding's gathered weight; its gradient has both uses, once."""
     from lima_core.parallelize import parallelize

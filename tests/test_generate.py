@@ -86,3 +86,6 @@ def test_generate_cli_answers_from_an_export(tmp_path):
     chat = subprocess.run([sys.executable, "-m", "lima_core.chat", "--checkpoint", str(tmp_path / "ckpt"),
                            "--chat", "--max-new-tokens", "5"], input="Hi!\nAnd then?\n\n", capture_output=True, text=True)
     assert chat.returncode == 0 and chat.stdout.count("lima>") == 2
+    bf16 = subprocess.run([sys.executable, "-m", "lima_core.chat", "--checkpoint", str(tmp_path / "ckpt"), "--dtype", "bf16",
+                           "--prompt", "Hi!", "--max-new-tokens", "5"], capture_output=True, text=True)
+    assert bf16.returncode == 0 and bf16.stdout.strip(), bf16.stderr
