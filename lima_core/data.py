@@ -2,9 +2,9 @@
 
 One JSON object a line, `{"conversations": ["user", "assistant", ...], "source": "..."}` (the
 public LIMA release); turns may also be `{"role": "user"|"assistant", "content": "..."}`.
-Every utterance ends with EOT; the loss covers assistant tokens and their EOT only. Rows are
-packed to at most `max_len` tokens with `cu_seqlens` marking the examples and positions that
-restart at 0 in each, so no padding is ever computed.
+Every utterance ends with EOT; the loss covers assistant tokens and their EOT only. A global
+batch is packed into rows of at most `max_len` tokens (best-fit decreasing) with `cu_seqlens`
+marking the examples and positions that restart at 0 in each, so no padding is ever computed.
 """
 
 from __future__ import annotations
@@ -116,15 +116,44 @@ class Row:
 
 
 def pack(examples: list[Example], max_len: int) -> list[Row]:
-    """Greedy packing in order: a row is closed when the next example would overflow max_len."""
-    rows, current = [], []
-    for ex in examples:
-        if current and sum(len(e.ids) for e in current) + len(ex.ids) > max_len:
-            rows.append(_row(current))
-            current = []
-        current.append(ex)
-    if current:
-        rows.append(_row(current))
+    """Pack examples into as few rows of at most max_len tokens as we can find, deterministically.
+
+    Every row is a micro-batch (a full parameter all-gather at 65B), so fewer rows make a faster
+    step; the loss is normalized over the whole global batch (RankBatch.num_targets), so the
+    packing does not change it. Best-fit decreasing, or the examples in order where that needs
+    fewer rows (BFD is not optimal: lengths 3, 2, 2, 3, 2, 2 fill two rows of 7 in order, three
+    by BFD). An example longer than max_len gets a row of its own."""
+    lengths = [len(e.ids) for e in examples]
+    rows = min(best_fit_decreasing(lengths, max_len), in_order(lengths, max_len), key=len)
+    return [_row([examples[i] for i in row]) for row in rows]
+
+
+def best_fit_decreasing(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Indices of each row: longest first (ties in order), each into the fullest row it fits, else a new row."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(rows)) if used[r] + lengths[i] <= max_len]
+        if fits:
+            best = max(fits, key=lambda r: used[r])  # the first of the fullest
+            rows[best].append(i)
+            used[best] += lengths[i]
+        else:
+            rows.append([i])
+            used.append(lengths[i])
+    return rows
+
+
+def in_order(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Indices of each row: a row closes when the next example would overflow max_len."""
+    rows: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not rows or used + n > max_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
     return rows
 
 

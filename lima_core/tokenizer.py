@@ -4,6 +4,12 @@ LIMA ends every utterance with a new special end-of-turn token. It is appended a
 vocabulary (id = base size) unless the file already has it, and the export writes it as an
 added special token so that a `transformers` tokenizer loaded from the export gives it the
 same id, and `generation_config.json` stops on it.
+
+Each turn is encoded alone (data.encode_conversation), so each starts with its own word
+boundary (sentencepiece's dummy prefix). The export's chat template puts the turns between
+special tokens, and the export is written so that `transformers` gives every stretch of text
+between special tokens that same prefix: the template's ids are then lima-core's, bit for bit
+(tests/test_chat_template.py), except where a turn's text spells a special token itself.
 """
 
 from __future__ import annotations
@@ -14,6 +20,19 @@ from pathlib import Path
 from lima_core.io import write_bytes, write_json
 
 EOT = "<|end_of_turn|>"
+
+# LIMA's conversation format as a `transformers` chat template: BOS, then every turn and EOT,
+# no role markers (turns alternate, user first). The model answers right after the last user
+# turn's EOT, so add_generation_prompt adds nothing.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] != ['user', 'assistant'][loop.index0 % 2] %}"
+    "{{ raise_exception('LIMA conversations alternate user and assistant turns, starting with the user') }}"
+    "{% endif %}"
+    "{{ message['content'] }}" + EOT +
+    "{% endfor %}"
+)
 
 
 class Tokenizer:
@@ -43,7 +62,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         self.kind = "tokenizer.json"
-        self._hf = HFTokenizer.from_file(str(path))
+        self._hf = HFTokenizer.from_str(_prefix_every_chunk(path.read_text(encoding="utf-8")))
         self.base_vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         self.bos_token, self.eos_token = _special_tokens_of(path, self._hf)
         self.bos_id, self.eos_id = self._hf.token_to_id(self.bos_token), self._hf.token_to_id(self.eos_token)
@@ -70,7 +89,7 @@ class Tokenizer:
         return self._hf.decode(ids, skip_special_tokens=True)
 
     def save(self, directory: str | Path):
-        """Write the tokenizer files and an HF tokenizer_config.json that declares EOT."""
+        """Write the tokenizer files and an HF tokenizer_config.json that declares EOT and the chat template."""
         directory = Path(directory)
         added = {str(self.eot_id): _added_token(EOT)}
         if self.kind == "sentencepiece":
@@ -78,13 +97,19 @@ class Tokenizer:
             added.update({str(self.bos_id): _added_token(self.bos_token), str(self.eos_id): _added_token(self.eos_token)})
             unk = self._sp.unk_id()
             added[str(unk)] = _added_token(self._sp.id_to_piece(unk))
-            config = {"tokenizer_class": "LlamaTokenizer", "unk_token": self._sp.id_to_piece(unk),
-                      "add_bos_token": True, "add_eos_token": False, "legacy": False}
+            # TokenizersBackend with legacy=True: transformers builds the tokenizer from the
+            # model's own settings (merges ranked by piece score, a dummy prefix on every chunk
+            # between special tokens, a leading space kept), so it encodes each turn of the chat
+            # template as sentencepiece encodes it alone. LlamaTokenizer ranks merges by piece id
+            # (LLaMA-2's whitespace pieces have low ids and score -1e9: runs of spaces split
+            # differently) and, with legacy=False, prefixes only the text at the very start.
+            config = {"tokenizer_class": "TokenizersBackend", "unk_token": self._sp.id_to_piece(unk),
+                      "add_bos_token": True, "add_eos_token": False, "legacy": True}
         else:
             write_bytes(directory / "tokenizer.json", self._hf.to_str(pretty=True).encode())
             config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         config.update({"bos_token": self.bos_token, "eos_token": self.eos_token,
-                       "extra_special_tokens": [EOT], "added_tokens_decoder": added})
+                       "extra_special_tokens": [EOT], "added_tokens_decoder": added, "chat_template": CHAT_TEMPLATE})
         write_json(directory / "tokenizer_config.json", config)
 
 
@@ -94,6 +119,25 @@ def find_tokenizer_file(directory: Path) -> Path:
         if (directory / name).is_file():
             return directory / name
     raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
+
+
+def _prefix_every_chunk(tokenizer_json: str) -> str:
+    """The tokenizer.json with a Metaspace pre-tokenizer's prepend_scheme "first" made "always".
+
+    "first" gives the word-boundary prefix only to text at the very start of the input; "always"
+    gives it to every chunk between special tokens. The two agree on text encoded alone (with
+    no special token spelled in it), as lima-core encodes every turn, so the training ids do not
+    change; the export gets "always", and a chat template that puts each turn after a special
+    token then encodes it as lima-core does."""
+    config = json.loads(tokenizer_json)
+    stack = [config.get("pre_tokenizer")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                node["prepend_scheme"] = "always"
+            stack += node.get("pretokenizers") or []
+    return json.dumps(config, ensure_ascii=False)
 
 
 def _special_tokens_of(path: Path, hf) -> tuple[str, str]:

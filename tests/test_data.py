@@ -2,6 +2,8 @@
 invariance of the gradient to packing and gradient accumulation."""
 
 import json
+import math
+import random
 import subprocess
 import sys
 
@@ -9,8 +11,9 @@ import pytest
 import torch
 
 from helpers import ASSETS
+from lima_core import data
 from lima_core.config import ModelConfig
-from lima_core.data import IGNORE, DataError, encode_conversation, pack, read_conversations
+from lima_core.data import IGNORE, DataError, Example, encode_conversation, pack, read_conversations
 from lima_core.model import Llama
 from lima_core.tokenizer import Tokenizer
 from lima_core.train import step_loss
@@ -38,14 +41,86 @@ def test_truncation_at_max_len(tok):
     assert len(ex.ids) == len(ex.labels) == 20
 
 
-def test_packed_rows_restart_positions_and_mark_examples(tok):
-    examples = [encode_conversation(tok, ["q" * n, "a" * n], 2048) for n in (3, 40, 7, 1)]
-    lengths = [len(e.ids) for e in examples]
-    rows = pack(examples, max_len=lengths[0] + lengths[1])
-    assert [r.cu_seqlens.tolist() for r in rows] == [
-        [0, lengths[0], lengths[0] + lengths[1]], [0, lengths[2], lengths[2] + lengths[3]]]
-    assert rows[0].positions[0].tolist() == list(range(lengths[0])) + list(range(lengths[1]))
-    assert rows[1].tokens[0].tolist() == examples[2].ids + examples[3].ids
+def example(n: int, first_id: int) -> Example:
+    """n distinct token ids from first_id, a target on every position but the last."""
+    ids = list(range(first_id, first_id + n))
+    return Example(ids, ids[1:] + [IGNORE])
+
+
+def test_packed_rows_restart_positions_and_mark_examples():
+    # Best-fit decreasing into rows of 10: 8 opens a row, 6 a second, 3 joins the 6 (8 + 3 > 10),
+    # 1 fits both and joins the fuller (6 + 3 = 9 against 8). In order it takes three rows.
+    examples = [example(n, 100 * k) for k, n in enumerate((3, 8, 1, 6))]
+    rows = pack(examples, max_len=10)
+    assert [r.cu_seqlens.tolist() for r in rows] == [[0, 8], [0, 6, 9, 10]]
+    assert rows[1].tokens[0].tolist() == examples[3].ids + examples[0].ids + examples[2].ids
+    assert rows[1].labels[0].tolist() == examples[3].labels + examples[0].labels + examples[2].labels
+    assert rows[1].positions[0].tolist() == list(range(6)) + list(range(3)) + list(range(1))
+    assert [r.max_seqlen for r in rows] == [8, 6]
+
+
+def test_where_best_fit_decreasing_loses_the_order_is_kept():
+    # 3, 3, 2, 2, 2, 2 by BFD into rows of 7: [3, 3], [2, 2, 2], [2]; in order, two full rows.
+    examples = [example(n, 100 * k) for k, n in enumerate((3, 2, 2, 3, 2, 2))]
+    rows = pack(examples, max_len=7)
+    assert [r.tokens[0].tolist() for r in rows] == [examples[0].ids + examples[1].ids + examples[2].ids,
+                                                   examples[3].ids + examples[4].ids + examples[5].ids]
+
+
+def greedy_in_order(lengths: list[int], max_len: int) -> list[list[int]]:
+    """The reference: the packing lima-core used before best-fit decreasing."""
+    rows, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and used + n > max_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    return rows + [current] if current else rows
+
+
+def random_lengths(rng: random.Random, max_len: int) -> list[int]:
+    """A batch: uniform lengths, LIMA-like lognormal ones truncated at max_len, or many equal ones."""
+    size = rng.randint(1, 80)
+    shape = rng.choice(["uniform", "lognormal", "equal"])
+    if shape == "uniform":
+        return [rng.randint(1, max_len) for _ in range(size)]
+    if shape == "lognormal":
+        return [min(max_len, max(1, round(rng.lognormvariate(math.log(max_len) - 1.6, 1.0)))) for _ in range(size)]
+    return [rng.randint(1, max_len)] * size
+
+
+def test_packing_properties_on_random_batches():
+    rng = random.Random(0)
+    fewer = 0
+    for case in range(400):
+        max_len = rng.choice([7, 16, 100, 2048])
+        lengths = random_lengths(rng, max_len)
+        examples = [example(n, 10_000 * k) for k, n in enumerate(lengths)]
+        rows = pack(examples, max_len)
+        greedy = greedy_in_order(lengths, max_len)
+        # Every example exactly once, whole, with its labels and positions from 0.
+        seen = []
+        for row in rows:
+            bounds = row.cu_seqlens.tolist()
+            assert bounds[-1] == row.tokens.shape[1] <= max_len, (case, lengths)
+            assert row.max_seqlen == max(b - a for a, b in zip(bounds, bounds[1:]))
+            for a, b in zip(bounds, bounds[1:]):
+                k = int(row.tokens[0, a]) // 10_000
+                assert row.tokens[0, a:b].tolist() == examples[k].ids
+                assert row.labels[0, a:b].tolist() == examples[k].labels
+                assert row.positions[0, a:b].tolist() == list(range(b - a))
+                seen.append(k)
+        assert sorted(seen) == list(range(len(examples))), (case, lengths)
+        assert math.ceil(sum(lengths) / max_len) <= len(rows) <= len(greedy), (case, lengths)
+        fewer += len(rows) < len(greedy)
+        assert [r.tokens.tolist() for r in pack(examples, max_len)] == [r.tokens.tolist() for r in rows]
+    assert fewer > 100  # the cases are not all ones where the order was already best
+
+
+def test_an_example_longer_than_max_len_gets_a_row_of_its_own():
+    rows = pack([example(5, 0), example(12, 100), example(4, 200)], max_len=10)
+    assert sorted(r.cu_seqlens.tolist() for r in rows) == [[0, 5, 9], [0, 12]]
 
 
 def write_lines(path, lines):
@@ -109,4 +184,33 @@ def test_gradient_does_not_depend_on_packing_or_accumulation(tok):
     assert len(pack(batch, max(len(e.ids) for e in batch))) == len(batch)
     assert one_row[0] == pytest.approx(per_example[0], rel=1e-6)  # fp32 sums in another order
     for a, b in zip(one_row[1], per_example[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)  # fp32 sums in another order
+
+
+def test_the_global_batch_loss_and_gradient_do_not_depend_on_the_packing(tok, monkeypatch):
+    # step_loss divides every row's summed loss by the target count of the whole global batch,
+    # so best-fit decreasing and the in-order packing it replaced give the same loss and gradient.
+    torch.manual_seed(0)
+    model = Llama(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, dim=32, n_heads=4, n_kv_heads=2,
+                                        ffn_dim=48, n_layers=2))
+    model.init_weights(torch.Generator().manual_seed(0))
+    batch = [encode_conversation(tok, t, 2048) for t in read_conversations(ASSETS / "train.jsonl")[:12]]
+    max_len = 750  # 4 rows by best-fit decreasing, 5 in order
+
+    def grads():
+        model.zero_grad()
+        loss_sum, n, tokens = step_loss(model, batch, max_len, torch.device("cpu"), None, torch.float32)
+        return float(loss_sum) / n, [p.grad.clone() for p in model.parameters()], (n, tokens)
+
+    def in_order(examples, max_len):
+        rows = greedy_in_order([len(e.ids) for e in examples], max_len)
+        return [data._row([examples[i] for i in row]) for row in rows]
+
+    best_fit, bfd_rows = grads(), len(pack(batch, max_len))
+    monkeypatch.setattr(data, "pack", in_order)
+    before, greedy_rows = grads(), len(data.pack(batch, max_len))
+    assert bfd_rows < greedy_rows  # the packings differ, so the test says something
+    assert best_fit[2] == before[2]
+    assert best_fit[0] == pytest.approx(before[0], rel=1e-6)  # fp32 sums in another order
+    for a, b in zip(best_fit[1], before[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)  # fp32 sums in another order

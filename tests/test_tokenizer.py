@@ -29,9 +29,11 @@ def tokenizer_file(request, tmp_path):
     return ASSETS / "tokenizer.model" if request.param == "bundled" else mistral_v1_tokenizer(tmp_path)
 
 
-# No runs of spaces: transformers' conversion of a sentencepiece model merges "a    b" as
-# [a, ____, b] where sentencepiece itself gives [a, ___, _b] (same text, other pieces).
-TEXTS = ["How do I boil an egg?", "Line one.\nLine two: 42 apples, 3.5 kg!", "def f(x):\n\treturn x # tab"]
+# Runs of spaces and a leading space: transformers' LlamaTokenizer ranks the 32k model's merges
+# by piece id and merges "a    b" as [a, ____, b] where sentencepiece gives [a, ___, _b]; the
+# export names TokenizersBackend, whose merges follow the piece scores as sentencepiece's do.
+TEXTS = ["How do I boil an egg?", "Line one.\nLine two: 42 apples, 3.5 kg!", "def f(x):\n\treturn x # tab",
+         "a    b", "  indented\n    code", " leading and trailing "]
 
 
 def test_eot_is_a_new_token_after_the_base_vocabulary(tokenizer_file):
@@ -68,6 +70,33 @@ def test_tokenizer_json_files_work_too(tmp_path):
         assert fast.encode(text) == tok.encode(text), text
     save_pretrained(model, tmp_path / "export", tokenizer=fast)
     assert AutoTokenizer.from_pretrained(tmp_path / "export").convert_tokens_to_ids(EOT) == tok.eot_id
+
+
+def test_a_metaspace_first_tokenizer_json_encodes_text_alone_as_before(tmp_path):
+    # lima-core gives every chunk between special tokens the word-boundary prefix ("always");
+    # the file says "first". On text encoded alone, as every turn is, the ids must not change.
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = Tokenizer(mistral_v1_tokenizer(tmp_path))
+    save_pretrained(Llama(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, dim=16, n_heads=2, ffn_dim=16,
+                                                n_layers=1)), tmp_path / "spm", tokenizer=tok)
+    AutoTokenizer.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "fast")
+    config = json.loads((tmp_path / "fast" / "tokenizer.json").read_text())
+    config["normalizer"] = None
+    config["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}]}
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "tokenizer.json").write_text(json.dumps(config))
+    as_written = HFTokenizer.from_file(str(tmp_path / "first" / "tokenizer.json"))
+    as_written.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    ours = Tokenizer(tmp_path / "first" / "tokenizer.json")
+    for text in TEXTS + [" x", "▁x", "\nx"]:
+        assert ours.encode(text) == as_written.encode(text, add_special_tokens=False).ids, text
+    # After a special token, "first" gives no prefix and "always" does: that is the change.
+    assert ours.encode(EOT + "x")[1:] == as_written.encode("x", add_special_tokens=False).ids
+    assert as_written.encode(EOT + "x", add_special_tokens=False).ids[1:] != ours.encode("x")
+    assert as_written.encode(EOT + "x", add_special_tokens=False).ids[0] == ours.eot_id
 
 
 def test_new_token_rows_start_at_the_mean_of_the_others():
