@@ -64,5 +64,7 @@ def dropout_add_rms_norm(x, residual, weight, p: float, seed: int, eps: float, k
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, kernels: str = "auto"):
     """(sum of token losses in fp32, number of target tokens) of the LM head on hidden,
-    without materialising the [tokens, vocab] logits on the kernel path."""
+    without materialising the [tokens, vocab] logits on the kernel path. Under autocast the
+    kernel path's logits are fp32 (operands cast to the autocast dtype, summed in fp32); the
+    reference's follow autocast (low-precision logits, as transformers' model computes them)."""
     return _impl(hidden, kernels).linear_cross_entropy(hidden, weight.to(hidden.dtype), labels, ignore_index)

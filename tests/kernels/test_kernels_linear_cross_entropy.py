@@ -1,5 +1,6 @@
 """Chunked linear + cross-entropy vs the fp32-logits reference: loss, count and gradients
-three ways (incl. ignore_index rows), gradient scaling, and peak memory below the logits."""
+three ways (incl. ignore_index rows), gradient scaling, the low-precision and autocast paths
+against a plain-torch fp32 reference, out-of-range labels, and peak memory below the logits."""
 
 import pytest
 import torch
@@ -9,7 +10,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lima_kernels import reference as ref
-from lima_kernels.ops.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy, linear_cross_entropy_fwd
+from lima_kernels.ops.linear_cross_entropy import (
+    LinearCrossEntropy,
+    _addmm_fp32_,
+    cross_entropy_rows,
+    linear_cross_entropy,
+    linear_cross_entropy_fwd,
+)
 
 
 def _gold(hidden, weight, labels, ignore_index=-100):
@@ -70,6 +77,16 @@ def test_all_ignored():
     assert torch.equal(weight.grad, torch.zeros_like(weight))
 
 
+def test_no_tokens():
+    """No chunk runs: the fp32 accumulator no chunk overwrites is zero-filled instead."""
+    hidden = torch.randn(0, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(10, 8, dtype=torch.bfloat16, requires_grad=True)
+    loss, n = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.int64))
+    assert int(n) == 0 and loss.item() == 0.0
+    loss.backward()
+    assert hidden.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 def test_custom_ignore_index_and_partial_requires_grad():
     hidden, weight, _ = _inputs((12, 20), 30, [], torch.float32)
     labels = torch.randint(0, 29, (12,))
@@ -98,6 +115,109 @@ def test_no_grad_forward_and_module():
     assert int(n) == int(n_r) == 8
     # fp32 on both sides; only summation order differs.
     torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 101, 108, 2**40])
+def test_out_of_range_label_raises(bad):
+    hidden, weight, labels = _inputs((37, 24), 101, [0, 5], torch.float32)
+    labels[36] = bad  # the last row of the last chunk: an unchecked read would pass the buffer
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, 101\) or ignore_index \(-100\)"):
+        linear_cross_entropy(hidden, weight, labels, chunk_size=16)
+
+
+def test_ignore_index_minus_one_is_not_out_of_range():
+    hidden, weight, labels = _inputs((12, 20), 30, [], torch.float32)
+    labels[[2, 11]] = -1
+    loss_k, n_k = linear_cross_entropy(hidden, weight, labels, ignore_index=-1, chunk_size=5)
+    loss_r, n_r = ref.linear_cross_entropy(hidden, weight, labels, ignore_index=-1)
+    assert int(n_k) == int(n_r) == 10
+    # fp32 on both sides; only summation order differs.
+    torch.testing.assert_close(loss_k, loss_r, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_never_reads_outside_the_row():
+    """The kernel alone (the op asserts first): a row whose label is outside [0, V) reads
+    nothing outside its row and counts as ignored. Row 0's label V would otherwise read row
+    1's first logit, and the last row's would read past the buffer."""
+    vocab = 40
+    logits = torch.randn(4, vocab)
+    labels = torch.tensor([vocab, 7, -3, vocab])
+    loss = torch.full((4,), float("nan"))
+    grad = logits.clone()  # in place, as the fp32 path runs it
+    cross_entropy_rows(logits.clone(), labels, -100, loss, grad)
+    expect_loss = torch.nn.functional.cross_entropy(logits[1:2], labels[1:2], reduction="sum")
+    expect_grad = torch.softmax(logits[1], -1) - torch.nn.functional.one_hot(labels[1], vocab)
+    assert torch.equal(loss[[0, 2, 3]], torch.zeros(3))
+    assert torch.equal(grad[[0, 2, 3]], torch.zeros(3, vocab))
+    # fp32 both sides, online vs two-pass softmax: a few fp32 ulps of values of size ~1.
+    torch.testing.assert_close(loss[1], expect_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad[1], expect_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_grad_weight_accumulator_first_chunk_overwrites():
+    """The fp32 accumulator is never zero-filled: beta=0 on the first chunk ignores what is
+    in it (NaN here), beta=1 then adds."""
+    a = torch.randn(30, 8).to(torch.bfloat16)
+    b = torch.randn(8, 12).to(torch.bfloat16)
+    acc = torch.full((30, 12), float("nan"))
+    _addmm_fp32_(acc, a, b, beta=0.0)
+    exact = a.double() @ b.double()  # [30, 12]
+    # bf16 products are exact in fp32; their fp32 sums of 8 terms are off by a few fp32 ulps.
+    torch.testing.assert_close(acc, exact.float(), rtol=1e-6, atol=1e-6)
+    _addmm_fp32_(acc, a, b, beta=1.0)
+    torch.testing.assert_close(acc, 2 * exact.float(), rtol=1e-6, atol=1e-6)
+
+
+LOW_PRECISION = [
+    # (dtype of the inputs, autocast dtype or None, dtype the op computes in)
+    (torch.bfloat16, None, torch.bfloat16),
+    (torch.float16, None, torch.float16),
+    (torch.float32, torch.bfloat16, torch.bfloat16),  # fp32 parameters under autocast
+]
+
+
+@pytest.mark.parametrize("dtype,autocast,compute", LOW_PRECISION)
+@pytest.mark.parametrize("grad", [True, False])
+def test_low_precision_path_equals_fp32_reference(dtype, autocast, compute, grad):
+    """bf16/fp16 operands (given, or cast by autocast): fp32 logits of the exact products,
+    the logits' gradient rounded once to the compute dtype, both GEMMs summing in fp32.
+    Against plain torch in fp32 on the same rounded operands, outside autocast; grad=False
+    runs the op under torch.no_grad()."""
+    hidden, weight, labels = _inputs((37, 24), 101, [0, 5, 36], dtype)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        loss, n = linear_cross_entropy(h, w, labels, chunk_size=16)  # 3 chunks
+    h32 = hidden.to(compute).float().requires_grad_()  # the operands the op multiplies
+    w32 = weight.to(compute).float().requires_grad_()
+    logits32 = h32 @ w32.t()  # [T, V] fp32: products of bf16/fp16 values are exact in fp32
+    loss32 = torch.nn.functional.cross_entropy(logits32, labels, ignore_index=-100, reduction="sum")
+    assert int(n) == 34
+    # fp32 logits on both sides, summed in another order: fp32 rounding of a sum of T terms
+    # of size ~|loss| / T (as in the three-way test above).
+    tol = 1e-6 * loss32.abs().item()
+    assert (loss - loss32).abs() <= tol
+    # A tolerance low-precision logits would not meet (their rounding moves the loss more),
+    # so the test sees whether the logits really are fp32.
+    loss_lp = torch.nn.functional.cross_entropy(logits32.to(compute).float(), labels, reduction="sum")
+    assert (loss_lp - loss32).abs() > tol
+    if not grad:
+        return
+    loss.backward()
+    loss32.backward()
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype  # the inputs' own dtypes
+    g32 = torch.softmax(logits32.detach(), -1) - torch.nn.functional.one_hot(labels.clamp(min=0), 101)
+    g32[labels == -100] = 0  # dloss/dlogits [T, V]
+    eps = torch.finfo(compute).eps
+    # Elementwise bound: the logits' gradient rounded to the compute dtype (< 1 ulp: the
+    # interpreter truncates), the GEMM's fp32 sums (n terms, 2**-24 each) and the result
+    # rounded to the compute dtype (half an ulp), each at most eps * (|g| @ |operand|).
+    for got, want, scale, n_terms in (
+        (h.grad, h32.grad, g32.abs() @ w32.detach().abs(), 101),
+        (w.grad, w32.grad, g32.abs().t() @ h32.detach().abs(), 37),
+    ):
+        bound = (1.5 * eps + n_terms * 2**-24) * scale
+        excess = (got.double() - want.double()).abs() - bound
+        assert excess.max() <= 0, f"error exceeds the bound by {excess.max().item():.3g}"
 
 
 class _LiveTensorBytes(TorchDispatchMode):

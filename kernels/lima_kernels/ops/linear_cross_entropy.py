@@ -5,27 +5,43 @@ logsumexp(hidden @ weight.T) - logit[label], number of such rows). For each chun
 tokens:
   1. logits = hidden_c @ weight.T with cuBLAS into an fp32 [C, V] buffer (bf16/fp16
      operands are multiplied exactly and accumulated in fp32; out_dtype=float32 on CUDA);
-  2. a Triton kernel computes each row's loss (online max/sum-exp over vocab blocks) and
-     overwrites the logits IN PLACE with their gradient softmax - onehot(label) (zero on
-     ignored rows);
-  3. if gradients are needed, grad_hidden_c = g @ weight and grad_weight += g.T @ hidden_c
-     with cuBLAS, g rounded to the weight dtype as in any bf16 backward; grad_weight is
-     accumulated across chunks in fp32 (for low-precision weights, vocab block by block so
-     the fp32 temporary stays <= 16M elements) and cast to the weight dtype once at the end.
+  2. a Triton kernel computes each row's loss (online max/sum-exp over vocab blocks) and,
+     if gradients are needed, writes the logits' gradient softmax - onehot(label) (zero on
+     ignored rows) directly in the operands' dtype: over the fp32 logits in place when the
+     operands are fp32, else into a [C, V] bf16/fp16 buffer (rounded once, in the kernel);
+  3. grad_hidden_c = g @ weight, and grad_weight += g.T @ hidden_c straight into ONE fp32
+     [V, H] accumulator: on CUDA cuBLAS adds the bf16/fp16 product into it as it writes
+     (addmm with out_dtype=float32, out=the accumulator, beta=1; beta=0 on the first chunk,
+     so it is never zero-filled), with no per-chunk fp32 temporary and no separate add. It is
+     cast to the weight dtype once at the end.
 The gradients are thus computed during forward and saved; backward only scales them by the
 incoming gradient of loss_sum (the standard trick: no logits kept for backward).
 
-Peak extra memory: one fp32 [C, V] logits chunk (+ its low-precision copy), the gradients
-themselves, and for low-precision weights an fp32 [V, H] accumulator (the price of fp32
-accumulation across chunks: 2x the bf16 weight). The default C makes the chunk about as
-large as hidden (Liger-Kernel's rule), at least 128 rows and at most 2**26 logits.
+Autocast: the logits are fp32 whatever autocast says. Under torch.autocast the public
+function casts hidden and weight to the autocast dtype, as autocast would cast a matmul's
+operands, and the op computes with autocast disabled. The casts are ordinary differentiable
+ops, so the gradients come back in the dtypes of the original inputs.
+
+Labels: a label outside [0, V) that is not ignore_index is an error, raised by a device-side
+assert (torch._assert_async: no host sync on CUDA, where it surfaces at the next sync; a
+RuntimeError at once on CPU). The kernel never reads outside a row: it treats such a label
+as ignored.
+
+Peak extra memory: one fp32 [C, V] logits chunk (+ its bf16/fp16 gradient for low-precision
+operands), the gradients themselves, and for low-precision weights the fp32 [V, H]
+accumulator (the price of fp32 accumulation across chunks: 2x the bf16 weight) plus its
+cast at the end. The default C makes the chunk about as large as hidden (Liger-Kernel's
+rule), at least 128 rows and at most 2**26 logits.
 
 Reference: `lima_kernels.reference.linear_cross_entropy` (fp32 logits, torch
 cross_entropy with reduction="sum").
 
-Limits: hidden and weight share a dtype; labels are int64 in [0, V) or ignore_index (out of
-range labels are not checked); no label smoothing or z-loss; no double backward; the
-gradients are computed for whichever of hidden/weight require grad when the forward runs.
+Limits: hidden and weight share a dtype (outside autocast they are not cast); labels are
+int64; no label smoothing or z-loss; no double backward; the gradients are computed for
+whichever of hidden/weight require grad when the forward runs. On CPU (the interpreter)
+torch has no out_dtype matmul, so low-precision operands are upcast to fp32 for the GEMMs
+(the same exact products and fp32 sums, through fp32 copies of the operands), and the
+interpreter truncates the kernel's fp32 -> bf16/fp16 stores where CUDA rounds to nearest.
 """
 
 import math
@@ -43,16 +59,19 @@ from .._utils import check_device, interpreting
 
 @triton.jit
 def _cross_entropy_kernel(
-    LOGITS, LABELS, LOSS,
-    n_rows, V, stride_l, ignore_index,
+    LOGITS, GRAD, LABELS, LOSS,
+    n_rows, V, stride_l, stride_g, ignore_index,
     COMPUTE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Per row: LOSS = logsumexp(logits) - logits[label] (0 if ignored); with COMPUTE_GRAD
-    the fp32 logits row is overwritten by softmax - onehot(label) (zeros if ignored)."""
+    GRAD = softmax - onehot(label) (zeros if ignored), stored in GRAD's dtype. GRAD may be
+    LOGITS itself (fp32, in place): each element is read before it is overwritten."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     row_mask = rows < n_rows
     label = tl.load(LABELS + rows, mask=row_mask, other=ignore_index)  # [BLOCK_M] int64
-    valid = (label != ignore_index) & row_mask
+    # Out-of-range labels are ignored here (the launcher asserts there are none): never
+    # a read outside the row, nor past the buffer at a chunk's last row.
+    valid = (label != ignore_index) & (label >= 0) & (label < V) & row_mask
     row_ptr = LOGITS + rows.to(tl.int64) * stride_l  # [BLOCK_M] row starts
 
     # Pass 1: online max and sum of exp over vocab blocks (finite start: no inf - inf).
@@ -73,8 +92,9 @@ def _cross_entropy_kernel(
     lse = m + tl.log(s)
     tl.store(LOSS + rows, tl.where(valid, lse - target, 0.0), mask=row_mask)
 
-    # Pass 2: gradient of the row's loss w.r.t. its logits, written over the logits.
+    # Pass 2: gradient of the row's loss w.r.t. its logits, rounded once to GRAD's dtype.
     if COMPUTE_GRAD:
+        grad_ptr = GRAD + rows.to(tl.int64) * stride_g  # [BLOCK_M] row starts
         inv_s = 1.0 / s
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V]
@@ -83,14 +103,13 @@ def _cross_entropy_kernel(
             prob = tl.exp(logit - m[:, None]) * inv_s[:, None]
             grad = tl.where(cols[None, :] == safe_label[:, None], prob - 1.0, prob)
             grad = tl.where(valid[:, None], grad, 0.0)
-            tl.store(row_ptr[:, None] + cols[None, :], grad, mask=mask)
+            tl.store(grad_ptr[:, None] + cols[None, :], grad.to(GRAD.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
 
-_GRAD_WEIGHT_TEMP_ELEMS = 2**24  # fp32 temporary (64 MiB) of the low-precision grad_weight path
 _MAX_CHUNK_LOGITS = 2**26  # logits per chunk at most (256 MiB in fp32)
 
 
@@ -104,11 +123,26 @@ def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def cross_entropy_inplace(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, compute_grad: bool, loss: torch.Tensor
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float) -> None:
+    """acc = beta * acc + a @ b in place, acc fp32. bf16/fp16 operands on CUDA: cuBLAS adds
+    the exact products into acc as it writes (addmm.dtype_out with out=acc), so no fp32
+    product is ever stored apart. torch has no CPU kernel for that overload: there the
+    operands are upcast (same products and fp32 sums, through fp32 operand copies)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b, beta=beta)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float(), beta=beta)
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, loss: torch.Tensor,
+    grad: torch.Tensor | None = None,
 ) -> None:
-    """logits [C, V] fp32 contiguous (overwritten by its gradient if compute_grad),
-    labels [C] -> per-row losses written into loss [C] fp32 (contiguous)."""
+    """logits [C, V] fp32 contiguous, labels [C] -> per-row losses written into loss [C]
+    fp32; if grad [C, V] is given (logits itself, or a bf16/fp16 buffer), the gradient of
+    each row's loss w.r.t. its logits is written into it in its dtype."""
     rows, vocab = logits.shape
     if rows == 0:
         return
@@ -116,8 +150,10 @@ def cross_entropy_inplace(
         block_m, block_v, num_warps = 16, min(triton.next_power_of_2(vocab), 1024), 1
     else:
         block_m, block_v, num_warps = 1, min(triton.next_power_of_2(vocab), 4096), 8
+    compute_grad = grad is not None
+    grad = grad if compute_grad else logits  # never written when COMPUTE_GRAD is off
     _cross_entropy_kernel[(triton.cdiv(rows, block_m),)](
-        logits, labels, loss, rows, vocab, logits.stride(0), ignore_index,
+        logits, grad, labels, loss, rows, vocab, logits.stride(0), grad.stride(0), ignore_index,
         COMPUTE_GRAD=compute_grad, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
     )
 
@@ -128,6 +164,13 @@ def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     chunk = triton.next_power_of_2(max(1, math.ceil(tokens / math.ceil(vocab / max(hidden, 1)))))
     cap = max(128, _MAX_CHUNK_LOGITS // max(vocab, 1))
     return max(1, min(tokens, max(128, min(chunk, cap))))
+
+
+def _assert_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is in [0, vocab) or ignore_index, checked on the device: no host sync."""
+    ok = ((labels >= 0) & (labels < vocab)) | (labels == ignore_index)  # [T] bool
+    message = f"linear_cross_entropy: labels must be in [0, {vocab}) or ignore_index ({ignore_index})"
+    torch._assert_async(ok.all(), message)
 
 
 def linear_cross_entropy_fwd(
@@ -141,51 +184,50 @@ def linear_cross_entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [T, H], weight [V, H], labels [T] -> (loss_sum [], n_targets [] int64,
     grad_hidden [T, H] or [0], grad_weight [V, H] or [0]), gradients of loss_sum.
-    chunk_size <= 0 picks default_chunk_size."""
+    chunk_size <= 0 picks default_chunk_size. Runs with autocast off: the logits are fp32."""
     check_device(hidden, weight, labels)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
-    labels = labels.contiguous()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _chunked_fwd(hidden.contiguous(), weight.contiguous(), labels.contiguous(), ignore_index,
+                            grad_hidden_needed, grad_weight_needed, chunk_size)
+
+
+def _chunked_fwd(hidden, weight, labels, ignore_index, grad_hidden_needed, grad_weight_needed, chunk_size):
     tokens, hdim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     if chunk_size <= 0:
         chunk_size = default_chunk_size(tokens, hdim, vocab)
+    _assert_labels_in_range(labels, vocab, ignore_index)
     low_precision = weight.dtype != torch.float32
+    compute_grad = grad_hidden_needed or grad_weight_needed
 
     loss_rows = torch.empty((tokens,), dtype=torch.float32, device=dev)  # [T]
     grad_hidden = torch.empty((tokens, hdim) if grad_hidden_needed else (0,), dtype=hidden.dtype, device=dev)
-    if grad_weight_needed:
-        grad_weight_acc = torch.zeros((vocab, hdim), dtype=torch.float32, device=dev)  # [V, H] fp32
-    vocab_block = max(1, _GRAD_WEIGHT_TEMP_ELEMS // max(hdim, 1))
-    compute_grad = grad_hidden_needed or grad_weight_needed
+    # [V, H] fp32: the first chunk overwrites it (beta=0), so it is zero-filled only if there is none.
+    alloc = torch.empty if tokens else torch.zeros
+    grad_weight_acc = alloc((vocab, hdim) if grad_weight_needed else (0,), dtype=torch.float32, device=dev)
 
     for c0 in range(0, tokens, chunk_size):
         c1 = min(c0 + chunk_size, tokens)
         h_c = hidden[c0:c1]  # [C, H]
         logits = _mm_fp32_out(h_c, weight.t())  # [C, H] @ [H, V] -> [C, V] fp32
-        cross_entropy_inplace(logits, labels[c0:c1], ignore_index, compute_grad, loss_rows[c0:c1])
-        if not compute_grad:
-            continue
-        g = logits.to(weight.dtype) if low_precision else logits  # [C, V] dloss/dlogits
+        # dloss/dlogits [C, V] in the operands' dtype: over the logits when fp32.
+        g = None
+        if compute_grad:
+            g = torch.empty_like(logits, dtype=weight.dtype) if low_precision else logits
+        cross_entropy_rows(logits, labels[c0:c1], ignore_index, loss_rows[c0:c1], g)
         if grad_hidden_needed:
             torch.mm(g, weight, out=grad_hidden[c0:c1])  # [C, V] @ [V, H] -> [C, H]
         if grad_weight_needed:
-            if not low_precision:
-                grad_weight_acc.addmm_(g.t(), h_c)  # [V, C] @ [C, H] -> [V, H]
-            else:
-                for v0 in range(0, vocab, vocab_block):
-                    v1 = min(v0 + vocab_block, vocab)
-                    # [Vb, C] @ [C, H] -> [Vb, H] in fp32, added to the fp32 accumulator
-                    grad_weight_acc[v0:v1] += _mm_fp32_out(g[:, v0:v1].t(), h_c)
+            _addmm_fp32_(grad_weight_acc, g.t(), h_c, beta=0.0 if c0 == 0 else 1.0)  # += [V, C] @ [C, H]
         del logits, g
 
     loss_sum = loss_rows.sum()  # [] fp32, deterministic
     n_targets = (labels != ignore_index).sum()  # [] int64
     if grad_weight_needed:
-        grad_weight = grad_weight_acc if not low_precision else grad_weight_acc.to(weight.dtype)
+        grad_weight = grad_weight_acc.to(weight.dtype)  # the fp32 accumulator itself when fp32
     else:
         grad_weight = torch.empty((0,), dtype=weight.dtype, device=dev)
     return loss_sum, n_targets, grad_hidden, grad_weight
@@ -241,7 +283,9 @@ def linear_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropies of hidden @ weight.T against labels != ignore_index, their
     count). hidden [..., H], weight [V, H], labels [...] aligned to hidden (no shift).
-    chunk_size: tokens per chunk (default: logits chunk about the size of hidden)."""
+    chunk_size: tokens per chunk (default: logits chunk about the size of hidden).
+    Under torch.autocast, hidden and weight are cast to the autocast dtype first; the
+    logits are fp32 either way."""
     hdim = hidden.shape[-1]
     h2 = hidden.reshape(-1, hdim)  # [..., H] -> [T, H]
     y = labels.reshape(-1)  # [...] -> [T]
@@ -249,6 +293,12 @@ def linear_cross_entropy(
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    device_type = h2.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The operands a matmul gets under autocast; the op then runs with autocast off (fp32
+        # logits). The casts are in the autograd graph: gradients return in the inputs' dtypes.
+        dtype = torch.get_autocast_dtype(device_type)
+        h2, weight = h2.to(dtype), weight.to(dtype)
     grad_on = torch.is_grad_enabled()
     loss_sum, n_targets, _gh, _gw = _linear_cross_entropy_op(
         h2, weight, y, int(ignore_index), grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
