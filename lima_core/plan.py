@@ -2,14 +2,19 @@
 
     python -m lima_core.plan --model llama-65b --gpus 64 --gpu-memory 80
 
-Per GPU: fp32 master parameter shard, fp32 gradient shard, AdamW moments (2 x fp32, or 2 x bf16
-with `--moment-dtype bf16`), gathered
+Per GPU: fp32 master parameter shard (and its bf16 copy, which the gathers send, when computing
+in bf16), fp32 gradient shard, AdamW moments (2 x fp32, or 2 x bf16 with `--moment-dtype bf16`), gathered
 units in flight (the unit computing, the one prefetched, and a unit's full gradient buffer),
 and the peak of one micro-batch's activations (`activation_bytes`: every tensor a training
 step's forward and backward allocate, parameter gradients aside).
 Communication per step and rank (ring collectives move (G-1)/G of the buffer): all-gather of
 every unit in forward and again in backward (but the embedding and the head), and a
 reduce-scatter of every unit's gradient, per micro-batch.
+
+Around training, at each epoch's end: the HF export (by default the epochs of the selection
+window and the last; `export_bytes`, `export_seconds`) and, in the window, the dev generations
+(`dev_generation`): every rank decodes its share of the dev prompts as one batch, so each decode
+step gathers every unit once, and the longest answer sets the number of steps.
 
 Activations are those of the plain-torch path (`--kernels torch`, what CPU runs), derived op by
 op from what it keeps for backward (the formula is in `activation_bytes`) and checked against
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lima_core.config import CHECKPOINTING, DTYPES, ModelConfig
+from lima_core.config import CHECKPOINTING, DTYPES, ModelConfig, TrainConfig
 from lima_core.model import Llama
 from lima_core.parallelize import llama_units, unit_numels
 
@@ -147,7 +152,7 @@ def plan(cfg: ModelConfig, gpus: int, *, seq: int = 2048, micro_batch: int = 1, 
     tokens = seq * micro_batch
     ring = (gpus - 1) / gpus
     gathered = sum(sizes[1:-1]) if not cfg.tie_embeddings else sum(sizes[1:])
-    return Plan(gpus, params=4 * shard, grads=4 * shard, optimizer=2 * BYTES[moment_dtype] * shard,
+    return Plan(gpus, params=(4 + (p if p < 4 else 0)) * shard, grads=4 * shard, optimizer=2 * BYTES[moment_dtype] * shard,
                 in_flight=3 * max(sizes) * p if gpus > 1 else 0,
                 activations=activation_bytes(cfg, checkpointing, tokens, p),
                 gather_bytes=int(ring * (sum(sizes) + gathered) * p),
@@ -162,16 +167,56 @@ def smallest_cluster(cfg: ModelConfig, memory_bytes: float, step: int = 8, **kw)
     return None
 
 
+def micro_batches(cfg: ModelConfig, gpus: int, seq: int, tokens_per_example: int) -> int:
+    """Packed rows each rank runs per step: LIMA's global batch (TrainConfig.global_batch) packed
+    into rows of `seq` tokens (best-fit decreasing lands within 1% of the bound), spread over the
+    ranks. Each one costs a full gather in forward and backward and a reduce-scatter."""
+    batch = TrainConfig().global_batch(cfg.num_params())
+    return math.ceil(math.ceil(batch * tokens_per_example / seq) / gpus)
+
+
 def lima_time(cfg: ModelConfig, p: Plan, *, mfu: float, peak_tflops: float, link_gbps: float,
-              examples: int = 1030, epochs: int = 15, tokens_per_example: int = 650, checkpointing: str = "block"):
+              examples: int = 1030, epochs: int = 15, tokens_per_example: int = 650, checkpointing: str = "block",
+              seq: int = 2048):
     """Seconds for LIMA's run: compute at `mfu` of peak (6 N per token, 8 N with recomputation),
     plus communication not hidden behind compute (the larger of the two per step)."""
     recompute = {"none": 6, "block": 8, "selective": 6.7}[checkpointing]
     tokens = examples * epochs * tokens_per_example
     compute = recompute * cfg.num_params() * tokens / (p.gpus * peak_tflops * 1e12 * mfu)
-    steps = math.ceil(examples / 32) * epochs
-    comm = steps * (p.gather_bytes + p.reduce_bytes) / (link_gbps * 1e9 / 8)
+    steps = math.ceil(examples / TrainConfig().global_batch(cfg.num_params())) * epochs
+    per_step = micro_batches(cfg, p.gpus, seq, tokens_per_example) * (p.gather_bytes + p.reduce_bytes)
+    comm = steps * per_step / (link_gbps * 1e9 / 8)
     return max(compute, comm), compute, comm
+
+
+def dev_generation(cfg: ModelConfig, p: Plan, *, prompts: int, prompt_tokens: int, new_tokens: int,
+                   link_gbps: float, param_dtype: str = "bf16") -> tuple[float, int]:
+    """(seconds per evaluated epoch, KV-cache bytes per GPU) of the dev generations: `new_tokens`
+    decode steps (the longest answer), each gathering every parameter once (ring all-gather,
+    (G-1)/G of the model received per rank); decoding is bound by that gather, not by compute.
+    The cache holds keys and values of ceil(prompts / G) rows of prompt_tokens + new_tokens."""
+    b = BYTES[param_dtype]
+    per_step = (p.gpus - 1) / p.gpus * cfg.num_params() * b if p.gpus > 1 else 0
+    seconds = new_tokens * per_step / (link_gbps * 1e9 / 8)
+    rows = math.ceil(prompts / p.gpus)
+    cache = 2 * cfg.n_layers * rows * (prompt_tokens + new_tokens) * cfg.n_kv_heads * cfg.head_dim * b
+    return seconds, cache
+
+
+def export_bytes(cfg: ModelConfig, dtype: str = "bf16") -> int:
+    """Bytes of one HF export's safetensors (the tensors; headers and configs are kilobytes)."""
+    return cfg.num_params() * BYTES[dtype]
+
+
+def export_seconds(cfg: ModelConfig, gpus: int, *, dtype: str = "bf16", write_gbs: float, link_gbps: float,
+                   file_bytes: int = 5 * 2**30) -> float:
+    """One export: the model gathered once (as the dev decode step gathers it), then 5 GiB files
+    written by the ranks in turn, each rank at `write_gbs` GB/s (a shared filesystem that takes
+    every rank's writes at once)."""
+    size = export_bytes(cfg, dtype)
+    files = math.ceil(size / file_bytes)
+    gather = (gpus - 1) / gpus * size / (link_gbps * 1e9 / 8) if gpus > 1 else 0
+    return gather + math.ceil(files / gpus) * min(size, file_bytes) / (write_gbs * 1e9)
 
 
 def main(argv=None):
@@ -187,6 +232,13 @@ def main(argv=None):
     ap.add_argument("--mfu", type=float, default=0.4)
     ap.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak per GPU (H100 SXM: 989)")
     ap.add_argument("--link-gbps", type=float, default=400, help="per-GPU network bandwidth, Gbit/s")
+    ap.add_argument("--dev-prompts", type=int, default=50, help="dev conversations (LIMA: 50)")
+    ap.add_argument("--dev-prompt-tokens", type=int, default=512, help="longest dev prompt in tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=2048, help="longest dev answer (sampling.max_new_tokens)")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--window", type=int, nargs=2, default=(5, 10), help="epochs with dev generations (LIMA: 5-10)")
+    ap.add_argument("--exports", type=int, default=None, help="exports per run (default: the window and the last epoch)")
+    ap.add_argument("--write-gbs", type=float, default=2.0, help="file write bandwidth per GPU's process, GB/s")
     a = ap.parse_args(argv)
     cfg = ModelConfig.from_name(a.model)
     kw = dict(seq=a.seq, micro_batch=a.micro_batch, checkpointing=a.checkpointing, param_dtype=a.param_dtype,
@@ -200,14 +252,31 @@ def main(argv=None):
         print(f"  {name:<12} {getattr(p, name) / gib:8.2f} GiB")
     print(f"  {'total':<12} {p.total / gib:8.2f} GiB of {a.gpu_memory:.0f} GiB: "
           f"{'fits' if p.total <= a.gpu_memory * gib else 'does NOT fit'}")
-    print(f"per step and rank: all-gather {p.gather_bytes / gib:.1f} GiB, reduce-scatter {p.reduce_bytes / gib:.1f} GiB "
-          f"(one micro-batch per rank)")
+    micro = micro_batches(cfg, a.gpus, a.seq, 650)
+    print(f"per micro-batch and rank: all-gather {p.gather_bytes / gib:.1f} GiB, reduce-scatter "
+          f"{p.reduce_bytes / gib:.1f} GiB; {micro} micro-batch(es) per rank and step (LIMA's batch, ~650 tokens an example)")
     smallest = smallest_cluster(cfg, a.gpu_memory * gib, **kw)
     print(f"smallest cluster that fits: {smallest} GPUs")
     total, compute, comm = lima_time(cfg, p, mfu=a.mfu, peak_tflops=a.peak_tflops, link_gbps=a.link_gbps,
-                                     checkpointing=a.checkpointing)
-    print(f"LIMA (1,030 examples x 15 epochs, ~650 tokens each): {total / 3600:.2f} h "
+                                     checkpointing=a.checkpointing, seq=a.seq, epochs=a.epochs)
+    print(f"LIMA training (1,030 examples x {a.epochs} epochs, ~650 tokens each): {total / 3600:.2f} h "
           f"(compute {compute / 3600:.2f} h at MFU {a.mfu}, communication {comm / 3600:.2f} h at {a.link_gbps} Gbit/s)")
+    window = a.window[1] - a.window[0] + 1
+    gen, cache = dev_generation(cfg, p, prompts=a.dev_prompts, prompt_tokens=a.dev_prompt_tokens,
+                                new_tokens=a.max_new_tokens, link_gbps=a.link_gbps, param_dtype=a.param_dtype)
+    during = p.total - p.activations + cache  # the train state stays; activations are gone
+    print(f"dev generation: {gen / 3600:.2f} h an epoch, {window * gen / 3600:.2f} h for epochs "
+          f"{a.window[0]}-{a.window[1]} ({a.dev_prompts} prompts as one batch over the ranks, up to "
+          f"{a.max_new_tokens} decode steps, each gathering all {cfg.num_params() / 1e9:.1f}B parameters); KV cache "
+          f"{cache / gib:.2f} GiB per GPU, {during / gib:.2f} GiB in all: "
+          f"{'fits' if during <= a.gpu_memory * gib else 'does NOT fit'}")
+    exports = a.exports if a.exports is not None else window + (a.epochs > a.window[1])
+    size = export_bytes(cfg, a.param_dtype)
+    one = export_seconds(cfg, a.gpus, dtype=a.param_dtype, write_gbs=a.write_gbs, link_gbps=a.link_gbps)
+    print(f"exports: {exports} of {size / 1e9:.0f} GB in {a.param_dtype} ({exports * size / 1e9:.0f} GB a run), "
+          f"{one:.0f} s each with every rank writing its files at {a.write_gbs} GB/s")
+    run = total + window * gen + exports * one
+    print(f"LIMA run in all: {run / 3600:.2f} h (training, dev generations and exports)")
 
 
 if __name__ == "__main__":

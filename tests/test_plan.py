@@ -159,3 +159,26 @@ def test_bf16_moments_halve_the_optimizer_bytes_the_plan_predicts():
     held = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values() if t.ndim > 0)
     assert all(state["exp_avg"].dtype == torch.bfloat16 for state in opt.state.values())
     assert held == plan(cfg, 1, moment_dtype="bf16").optimizer == plan(cfg, 1).optimizer // 2
+
+
+def test_the_plan_counts_the_bf16_shard_copy_the_gathers_send():
+    from lima_core.parallelize import parallelize
+
+    cfg = ModelConfig(**{**TINY, "n_layers": 2})
+    sharded = parallelize(Llama(cfg), checkpointing="none", param_dtype=torch.bfloat16)
+    held = sum(u.shard.numel() * 4 + u.copy.numel() * 2 for u in sharded.units)
+    assert held == plan(cfg, 1, param_dtype="bf16").params == plan(cfg, 1, param_dtype="fp32").params * 6 // 4
+
+
+def test_dev_generation_cache_is_what_the_kv_cache_allocates():
+    from lima_core.model import KVCache
+    from lima_core.plan import dev_generation
+
+    cfg = ModelConfig(**TINY)
+    p = plan(cfg, 4)
+    seconds, cache = dev_generation(cfg, p, prompts=10, prompt_tokens=30, new_tokens=20, link_gbps=8,
+                                    param_dtype="bf16")
+    kv = KVCache(cfg, 3, 50, "cpu", torch.bfloat16)  # ceil(10 / 4) rows of 30 + 20 positions
+    assert cache == sum(t.numel() * t.element_size() for t in kv.k + kv.v)
+    # 20 decode steps, each receiving 3/4 of the bf16 parameters at 1 GB/s.
+    assert seconds == pytest.approx(20 * 0.75 * cfg.num_params() * 2 / 1e9)
