@@ -26,7 +26,7 @@ def twin_models(**overrides):
     return models
 
 
-def packed_batch():
+def packed_batch(device="cpu"):
     """Three examples packed in one row: tokens, labels (30% ignored), positions, cu_seqlens."""
     lengths = [7, 12, 3]
     g = torch.Generator().manual_seed(1)
@@ -34,13 +34,13 @@ def packed_batch():
     labels = torch.where(torch.rand(tokens.shape, generator=g) < 0.7, tokens.roll(-1), -100)
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     cu = torch.tensor([0] + lengths).cumsum(0).int()
-    return tokens, labels, positions, cu
+    return tuple(t.to(device) for t in (tokens, labels, positions, cu))
 
 
 def train_step(model, batch, autocast: bool):
     """Forward with residual dropout on, backward: (loss, target count, {name: grad})."""
     tokens, labels, positions, cu = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
         loss, n = model(tokens, labels, positions=positions, cu_seqlens=cu, max_seqlen=12, dropout_seed=99)
     loss.backward()
     return loss, n, {k: p.grad for k, p in model.named_parameters()}
@@ -65,13 +65,27 @@ MODES = {
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_triton_path_equals_reference_path_on_packed_rows(mode):
+    compare_paths(mode, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(MODES))
+def test_triton_path_equals_reference_path_on_the_gpu(mode):
+    """The same, with compiled kernels (bench/gpu_check.sh runs it): the bf16 train step that
+    once crashed at its first backward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    compare_paths(mode, "cuda")
+
+
+def compare_paths(mode: str, device: str):
     """Loss and every parameter gradient, untied and tied head. Prints the worst relative
     (normwise) differences of the kernel path from the reference path."""
     autocast, dtype = MODES[mode]
-    batch = packed_batch()
+    batch = packed_batch(device)
     worst_loss, worst_grad, worst_name = 0.0, 0.0, ""
     for tied in (False, True):
-        triton_model, torch_model = (m.to(dtype) for m in twin_models(tie_embeddings=tied))
+        triton_model, torch_model = (m.to(device, dtype) for m in twin_models(tie_embeddings=tied))
         gold_model = copy.deepcopy(torch_model).double()  # same weights (and masks), in fp64
         loss_k, n_k, grads_k = train_step(triton_model, batch, autocast)
         loss_t, n_t, grads_t = train_step(torch_model, batch, autocast)
@@ -107,7 +121,7 @@ def test_triton_path_equals_reference_path_on_packed_rows(mode):
                 f"{name} (tied={tied}): kernel path error {err(grads_k[name], gold):.3g} > "
                 f"4 x reference path error {err(grads_t[name], gold):.3g}"
             )
-    print(f"\n{mode}: worst loss error {worst_loss:.2e}, worst grad error {worst_grad:.2e} (param {worst_name})")
+    print(f"\n{mode} ({device}): worst loss error {worst_loss:.2e}, worst grad error {worst_grad:.2e} (param {worst_name})")
 
 
 def test_head_under_autocast_no_grad_has_fp32_logits():
