@@ -7,6 +7,7 @@ dtypes."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,21 @@ def test_dev_generation_cache_is_what_the_kv_cache_allocates():
     assert cache == sum(t.numel() * t.element_size() for t in kv.k + kv.v)
     # 20 decode steps, each receiving 3/4 of the bf16 parameters at 1 GB/s.
     assert seconds == pytest.approx(20 * 0.75 * cfg.num_params() * 2 / 1e9)
+
+
+def test_the_readme_recipes_are_what_the_planner_says(capsys):
+    """Each multi-GPU recipe in the README quotes the plan for its model and GPU count; the
+    planner must still print those figures, and say that training and dev generation fit."""
+    import re
+
+    from lima_core.plan import main
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quoted = re.findall(r"#   (\S+), (\d+) GPUs: +total ([\d.]+) GiB of 80 GiB: fits", readme)
+    assert {(m, int(g)) for m, g, _ in quoted} >= {("llama-2-7b", 8), ("llama-3-8b", 8), ("llama-65b", 32),
+                                                  ("llama-3-70b", 32)}
+    for model, gpus, total in quoted:
+        main(["--model", model, "--gpus", gpus, "--gpu-memory", "80"])
+        out = capsys.readouterr().out
+        assert re.search(rf"total\s+{re.escape(total)} GiB of 80 GiB: fits", out), (model, gpus)
+        assert re.search(r"dev generation: .* in all: fits", out), (model, gpus)
