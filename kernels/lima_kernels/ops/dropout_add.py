@@ -56,6 +56,11 @@ def _dropout_add_kernel(
 # ----------------------------------------------------------------------------------------
 
 
+def dropout_add_config() -> tuple[int, int]:
+    """(BLOCK, num_warps) of _dropout_add_kernel: 4096 elements a program."""
+    return (4096, 1) if interpreting() else (4096, 8)
+
+
 def dropout_add_launch(
     x: torch.Tensor, residual: Optional[torch.Tensor], p: float, seed: int, offset: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -69,7 +74,7 @@ def dropout_add_launch(
     y = torch.empty((numel,), dtype=out_dtype, device=x.device)
     if numel == 0:
         return y
-    block, num_warps = (4096, 1) if interpreting() else (4096, 8)
+    block, num_warps = dropout_add_config()
     _dropout_add_kernel[(triton.cdiv(numel, block),)](
         x, x if residual is None else residual, y,
         numel, p, 1.0 / (1.0 - p), seed, offset,

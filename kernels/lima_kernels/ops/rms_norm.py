@@ -188,18 +188,23 @@ def rms_norm_bwd(
     if m == 0:
         return dx, dr, torch.zeros_like(weight)
     block_m, block_n, num_warps = row_config(n)
-    programs = max(1, min(num_programs_persistent(z.device), triton.cdiv(m, block_m)))
-    rows_per_program = triton.cdiv(m, programs)
-    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=z.device)  # [programs, N]
     dz_arg = dy if dz is None else dz  # placeholder pointer when no gradient arrives on z
     dr_arg = dx if dr is None else dr  # placeholder pointer when there is no residual
-    _rms_norm_bwd_kernel[(programs,)](
-        dy, dz_arg, z, weight, rstd, dx, dr_arg, dw_partial,
-        m, n, dy.stride(0), dz_arg.stride(0), z.stride(0), dx.stride(0), dr_arg.stride(0), rows_per_program,
-        p, 1.0 / (1.0 - p), seed, offset,
+
+    def args(programs, dw_partial=torch.float32):  # a dtype stands in for dw_partial before it exists
+        return (
+            dy, dz_arg, z, weight, rstd, dx, dr_arg, dw_partial,
+            m, n, dy.stride(0), dz_arg.stride(0), z.stride(0), dx.stride(0), dr_arg.stride(0),
+            triton.cdiv(m, programs), p, 1.0 / (1.0 - p), seed, offset,
+        )
+
+    meta = dict(
         HAS_DZ=dz is not None, HAS_RESIDUAL=dr is not None, HAS_DROPOUT=p > 0.0,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
+    programs = num_programs_persistent(_rms_norm_bwd_kernel, z.device, triton.cdiv(m, block_m), args, meta)
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=z.device)  # [programs, N]
+    _rms_norm_bwd_kernel[(programs,)](*args(programs, dw_partial), **meta)
     dw = dw_partial.sum(dim=0).to(weight.dtype)  # [N]: second-stage reduction, fp32
     return dx, dr, dw
 

@@ -94,6 +94,17 @@ def _rotary_kernel(
 MAX_HEAD_DIM = 1024
 
 
+def rotary_config(heads: int, dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_HALF, num_warps) of _rotary_kernel for `heads` heads of even
+    size `dim`."""
+    block_half = triton.next_power_of_2(dim // 2)
+    if interpreting():
+        return 16, triton.next_power_of_2(heads), block_half, 1
+    block_h = min(triton.next_power_of_2(heads), 32)
+    block_t = max(1, 2048 // (block_h * block_half))  # ~4k elements (both halves) a program
+    return block_t, block_h, block_half, row_num_warps(2 * block_t * block_h * block_half)
+
+
 def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     """x [B, S, H, D], cos/sin [B, S, D] (any strides, last dim contiguous) -> y [B, S, H, D]."""
     check_device(x, cos, sin)
@@ -106,13 +117,7 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwar
     if n_tokens == 0 or heads == 0:
         return y
     half = dim // 2
-    block_half = triton.next_power_of_2(half)
-    if interpreting():
-        block_h, block_t, num_warps = triton.next_power_of_2(heads), 16, 1
-    else:
-        block_h = min(triton.next_power_of_2(heads), 32)
-        block_t = max(1, 2048 // (block_h * block_half))  # ~4k elements (both halves) a program
-        num_warps = row_num_warps(2 * block_t * block_h * block_half)
+    block_t, block_h, block_half, num_warps = rotary_config(heads, dim)
     grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(heads, block_h))
     _rotary_kernel[grid](
         x, cos, sin, y,
