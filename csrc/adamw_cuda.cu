@@ -111,27 +111,39 @@ bool aligned(const void* ptr, int64_t elem_size) {
   return reinterpret_cast<uintptr_t>(ptr) % (elem_size * kVec) == 0;
 }
 
+// As many blocks as the SMs hold at once (the compiled instance's occupancy: 4 to 6 blocks of
+// 256 threads on sm_80/sm_90 by `python -m lima_kernels.aot`), at most one per kVec x kThreads
+// elements; then the grid-stride loop.
+template <typename Kernel>
+void launch_resident(Kernel kernel, const Args& a, int sms, cudaStream_t stream) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t needed = (a.numel + int64_t(kThreads) * kVec - 1) / (int64_t(kThreads) * kVec);
+  const int blocks = int(std::min<int64_t>(needed, int64_t(sms) * std::max(per_sm, 1)));
+  kernel<<<blocks, kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <Grad G, Moments M, Copy C>
-void launch(const Args& a, int blocks, cudaStream_t stream) {
+void launch(const Args& a, int sms, cudaStream_t stream) {
   const int64_t gsize = G == Grad::F32 ? 4 : 2;
   const int64_t msize = M == Moments::F32 ? 4 : 2;
   const bool vec = aligned(a.param, 4) && aligned(a.grad, gsize) && aligned(a.exp_avg, msize) &&
                    aligned(a.exp_avg_sq, msize) && (a.copy == nullptr || aligned(a.copy, 2));
   if (vec)
-    adamw_kernel<G, M, C, true><<<blocks, kThreads, 0, stream>>>(a);
+    launch_resident(adamw_kernel<G, M, C, true>, a, sms, stream);
   else
-    adamw_kernel<G, M, C, false><<<blocks, kThreads, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_resident(adamw_kernel<G, M, C, false>, a, sms, stream);
 }
 
 template <Grad G, Moments M>
-void launch_copy(const Args& a, int blocks, cudaStream_t stream) {
+void launch_copy(const Args& a, int sms, cudaStream_t stream) {
   switch (a.copy_kind) {
-    case Copy::None: return launch<G, M, Copy::None>(a, blocks, stream);
-    case Copy::BF16: return launch<G, M, Copy::BF16>(a, blocks, stream);
-    case Copy::F16: return launch<G, M, Copy::F16>(a, blocks, stream);
-    case Copy::BF16_SR: return launch<G, M, Copy::BF16_SR>(a, blocks, stream);
-    case Copy::F16_SR: return launch<G, M, Copy::F16_SR>(a, blocks, stream);
+    case Copy::None: return launch<G, M, Copy::None>(a, sms, stream);
+    case Copy::BF16: return launch<G, M, Copy::BF16>(a, sms, stream);
+    case Copy::F16: return launch<G, M, Copy::F16>(a, sms, stream);
+    case Copy::BF16_SR: return launch<G, M, Copy::BF16_SR>(a, sms, stream);
+    case Copy::F16_SR: return launch<G, M, Copy::F16_SR>(a, sms, stream);
   }
 }
 
@@ -145,16 +157,13 @@ void fused_adamw_cuda(const at::Tensor& param, const at::Tensor& grad, const at:
   const c10::cuda::CUDAGuard guard(param.device());
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, param.get_device()));
-  // Enough resident blocks to fill every SM (8 x 256 threads), then the grid-stride loop.
-  const int64_t needed = (a.numel + int64_t(kThreads) * kVec - 1) / (int64_t(kThreads) * kVec);
-  const int blocks = int(std::min<int64_t>(needed, int64_t(sms) * 8));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool g16 = a.grad_kind == Grad::BF16;
   const bool m16 = a.moment_kind == Moments::BF16;
-  if (!g16 && !m16) return launch_copy<Grad::F32, Moments::F32>(a, blocks, stream);
-  if (!g16 && m16) return launch_copy<Grad::F32, Moments::BF16>(a, blocks, stream);
-  if (g16 && !m16) return launch_copy<Grad::BF16, Moments::F32>(a, blocks, stream);
-  return launch_copy<Grad::BF16, Moments::BF16>(a, blocks, stream);
+  if (!g16 && !m16) return launch_copy<Grad::F32, Moments::F32>(a, sms, stream);
+  if (!g16 && m16) return launch_copy<Grad::F32, Moments::BF16>(a, sms, stream);
+  if (g16 && !m16) return launch_copy<Grad::BF16, Moments::F32>(a, sms, stream);
+  return launch_copy<Grad::BF16, Moments::BF16>(a, sms, stream);
 }
 
 }  // namespace
