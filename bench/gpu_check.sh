@@ -2,7 +2,10 @@
 # The whole GPU run in one call (shared/GPU.md, "One call, everything in it"):
 #   1. install the project in place (builds csrc/ with its CUDA sources);
 #   2. measure the ceilings: device-to-device copy bandwidth and bf16 8192^3 matmul TFLOP/s;
-#   3. run the GPU tests (compiled Triton kernels: TRITON_INTERPRET=0);
+#   3. run the GPU tests (compiled Triton kernels: TRITON_INTERPRET=0), among them the whole model on
+#      the Triton path against the reference in fp32, bf16 autocast and bf16 parameters; then
+#   3b. the default job in bf16 on the Triton kernels (the mode that once crashed at its first
+#      backward), and the compile table of `python -m lima_kernels.aot` beside what this GPU runs;
 #   4. run the benchmarks into $OUT/bench.json, and (4b) the FSDP step comparison (bench/fsdp_step.py);
 #   5. copy the results to bench/results/<date>-<gpu>.json (and $OUT) and print a short table.
 # Optional comparators travel as wheels in .wheels/ (e.g. liger-kernel, pure Python):
@@ -34,6 +37,15 @@ echo "== 3. GPU tests"
 $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -25
 GPU_TESTS_RC=${PIPESTATUS[0]}
 
+echo "== 3b. bf16 training job on the Triton kernels; compile table"
+$PY -m lima_core.train --config configs/tiny.toml --dtype bf16 --kernels triton --epochs 2 --max-new-tokens 32 \
+    --out-dir "$OUT/runs" --name tiny-bf16 --plot false >"$OUT/train-bf16.log" 2>&1
+TRAIN_RC=$?
+tail -3 "$OUT/train-bf16.log"
+env -u TRITON_INTERPRET $PY -m lima_kernels.aot --json "$OUT/aot.json" >"$OUT/aot.log" 2>&1
+AOT_RC=$?
+tail -4 "$OUT/aot.log"
+
 echo "== 4. benchmarks"
 # -m "not slow" replaces pyproject's "not gpu and not slow": GPU-marked benchmarks run here.
 $PY -m pytest bench/ -q -p no:cacheprovider -m "not slow" --benchmark-json="$OUT/bench.json" \
@@ -58,5 +70,5 @@ if [ -f "$OUT/bench.json" ]; then
 else
     echo "no bench.json (benchmarks failed, see bench.log)"; tail -30 "$OUT/bench.log"
 fi
-echo "gpu tests rc=$GPU_TESTS_RC  bench rc=$BENCH_RC  fsdp step rc=$FSDP_RC"
-exit $(( GPU_TESTS_RC != 0 || BENCH_RC != 0 || FSDP_RC != 0 ))
+echo "gpu tests rc=$GPU_TESTS_RC  bf16 job rc=$TRAIN_RC  aot rc=$AOT_RC  bench rc=$BENCH_RC  fsdp step rc=$FSDP_RC"
+exit $(( GPU_TESTS_RC != 0 || TRAIN_RC != 0 || AOT_RC != 0 || BENCH_RC != 0 || FSDP_RC != 0 ))
