@@ -2,9 +2,12 @@
 reference we test against), the one tiny lima-core model, the one torchrun launcher, and the
 error measure the parity targets are stated in."""
 
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,3 +89,41 @@ def random_batches(n_steps: int, batch: int, vocab: int, seed: int = 0) -> list[
             examples.append(Example(ids, labels))
         out.append(examples)
     return out
+
+
+# ---- bad inputs: a command's entry point run in-process, and what it wrote ----------------
+
+
+@dataclass
+class Outcome:
+    """What a command-line entry point did: its exit status, its output, and the files under
+    the watched folder it created or changed."""
+
+    status: int
+    out: str
+    err: str
+    written: list[str]
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def run_entry(main, argv: list[str], watch: Path) -> Outcome:
+    """Call `main(argv)` (a module's command-line entry point) as the command line would, in
+    this process: SystemExit gives the status (0 when main returns). An uncaught exception
+    propagates, so a traceback fails the calling test."""
+    before = _files(watch)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(argv)
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    after = _files(watch)
+    written = sorted(name for name, stamp in after.items() if before.get(name) != stamp)
+    return Outcome(status, out.getvalue(), err.getvalue(), written)
