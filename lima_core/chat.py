@@ -39,6 +39,15 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SamplingConfig]:
 
 def main(argv=None):
     args, sampling = parse_args(argv)
+    try:
+        converse(args, sampling)
+    except (FileNotFoundError, ValueError) as e:  # a bad checkpoint, or a prompt beyond the context
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def converse(args: argparse.Namespace, sampling: SamplingConfig):
+    """Answer --prompt, then (with --chat) each line of stdin, keeping the whole conversation."""
     model = load_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device)
     tokenizer = Tokenizer(args.checkpoint)
     settings = dict(sampling.model_dump(), generator=torch.Generator(args.device).manual_seed(args.seed))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -142,15 +142,18 @@ CHECKPOINTING = ("none", "block", "selective")
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors; the docstring under each field is its description (--help).
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # Unknown keys are errors; so are values of another type (no "1e-3" string for a float, no
+    # 1.5 for an int) and NaN or infinite floats. The docstring under each field is its
+    # description (--help).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class TrainConfig(_Section):
     """One fine-tuning run. Defaults are the LIMA recipe (Zhou et al. 2023, section 2.3)."""
 
     name: str = "lima"
-    """Run name; outputs go to <out_dir>/<name>/."""
+    """Run name; outputs go to <out_dir>/<name>/ (a folder name, not a path)."""
     out_dir: str = "runs"
     """Folder that holds the runs."""
     model: str = "tiny"
@@ -165,7 +168,7 @@ class TrainConfig(_Section):
     """Passes over the training data."""
     batch_size: int = Field(0, ge=0)
     """Examples per optimizer step; 0 means LIMA's choice: 32 for models of 30B and more, else 64."""
-    max_len: int = Field(2048, ge=1)
+    max_len: int = Field(2048, ge=2)
     """Longest example in tokens; longer ones are truncated. Also the length of a packed row."""
     dropout: float = -1.0
     """Residual dropout at the top layer (linear from 0 at the bottom); -1 means LIMA's: 0.3 above 50B, else 0.2."""
@@ -173,9 +176,9 @@ class TrainConfig(_Section):
     """Compute dtype (autocast): fp32 or bf16. Master weights and optimizer state stay fp32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """cpu, cuda, or auto (cuda when available)."""
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=2**63)
     """Seed of initialisation, data order and dropout masks."""
-    select_epochs: tuple[int, int] = (5, 10)
+    select_epochs: tuple[int, int] = Field((5, 10), strict=False)  # TOML has lists, not tuples
     """Epoch window (of 15) the exported checkpoint is chosen from; scaled to the number of epochs."""
     export_epochs: Literal["window", "all"] = "window"
     """Epochs written as HF exports: window (those of the selection window, and the last) or all."""
@@ -187,6 +190,10 @@ class TrainConfig(_Section):
     """Save the sharded train state every this many steps; 0 means at the end of each epoch."""
     resume: str = ""
     """Resume from a train state: empty (start fresh), auto (the newest complete one of this run) or a path."""
+    overwrite: bool = False
+    """Start fresh in a run folder that holds an earlier run's states or exports, deleting them."""
+    force_resume: bool = False
+    """Resume even where the state was saved with other data, tokenizer, model, batch, length, epochs or seed."""
     plot: bool = True
     """Write loss.png."""
     tensorboard: bool = False
@@ -198,6 +205,13 @@ class TrainConfig(_Section):
         if not (p == -1.0 or 0.0 <= p < 1.0):
             raise ValueError("must be in [0, 1), or -1 for LIMA's choice")
         return p
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError("must be a folder name (not empty, no path separators, not . or ..)")
+        return name
 
     @field_validator("select_epochs")
     @classmethod
@@ -276,6 +290,14 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     parallel: ParallelConfig = ParallelConfig()
     sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.optim.moment_dtype == "bf16" and not self.optim.fused_adamw:
+            raise ValueError("--moment-dtype bf16 needs the native AdamW: it cannot go with --fused-adamw false")
+        if self.train.resume and self.train.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: resume a run or start it afresh")
+        return self
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -377,6 +399,9 @@ def _explain(error: ValidationError, sources: dict[tuple[str, str], str]) -> str
     """One line an error: where the value came from (file:line or flag), the key and what is wrong."""
     lines = []
     for e in error.errors():
+        if not e["loc"]:  # a rule across fields (Config._consistent): its message names them
+            lines.append(e["msg"].removeprefix("Value error, "))
+            continue
         section, key = (e["loc"] + (None, None))[:2]
         where = sources.get((section, key), "default")
         if e["type"] == "extra_forbidden":

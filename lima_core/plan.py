@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lima_core.config import CHECKPOINTING, DTYPES, ModelConfig, TrainConfig
+from lima_core.config import CHECKPOINTING, DTYPES, ConfigError, ModelConfig, TrainConfig
 from lima_core.model import Llama
 from lima_core.parallelize import llama_units, unit_numels
 
@@ -219,28 +219,57 @@ def export_seconds(cfg: ModelConfig, gpus: int, *, dtype: str = "bf16", write_gb
     return gather + math.ceil(files / gpus) * min(size, file_bytes) / (write_gbs * 1e9)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return int(text)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a positive number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError("must be in (0, 1]")
+    return value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lima_core.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-65b")
-    ap.add_argument("--gpus", type=int, default=64)
-    ap.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--gpus", type=_positive_int, default=64)
+    ap.add_argument("--gpu-memory", type=_positive, default=80, help="GiB per GPU")
+    ap.add_argument("--seq", type=_positive_int, default=2048)
+    ap.add_argument("--micro-batch", type=_positive_int, default=1)
     ap.add_argument("--checkpointing", default="block", choices=CHECKPOINTING)
     ap.add_argument("--param-dtype", default="bf16", choices=list(BYTES))
     ap.add_argument("--moment-dtype", default="fp32", choices=list(BYTES), help="AdamW moments (bf16: native op)")
-    ap.add_argument("--mfu", type=float, default=0.4)
-    ap.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak per GPU (H100 SXM: 989)")
-    ap.add_argument("--link-gbps", type=float, default=400, help="per-GPU network bandwidth, Gbit/s")
-    ap.add_argument("--dev-prompts", type=int, default=50, help="dev conversations (LIMA: 50)")
-    ap.add_argument("--dev-prompt-tokens", type=int, default=512, help="longest dev prompt in tokens")
-    ap.add_argument("--max-new-tokens", type=int, default=2048, help="longest dev answer (sampling.max_new_tokens)")
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--window", type=int, nargs=2, default=(5, 10), help="epochs with dev generations (LIMA: 5-10)")
-    ap.add_argument("--exports", type=int, default=None, help="exports per run (default: the window and the last epoch)")
-    ap.add_argument("--write-gbs", type=float, default=2.0, help="file write bandwidth per GPU's process, GB/s")
+    ap.add_argument("--mfu", type=_fraction, default=0.4)
+    ap.add_argument("--peak-tflops", type=_positive, default=989, help="dense bf16 peak per GPU (H100 SXM: 989)")
+    ap.add_argument("--link-gbps", type=_positive, default=400, help="per-GPU network bandwidth, Gbit/s")
+    ap.add_argument("--dev-prompts", type=_positive_int, default=50, help="dev conversations (LIMA: 50)")
+    ap.add_argument("--dev-prompt-tokens", type=_positive_int, default=512, help="longest dev prompt in tokens")
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=2048, help="longest dev answer (sampling.max_new_tokens)")
+    ap.add_argument("--epochs", type=_positive_int, default=15)
+    ap.add_argument("--window", type=_positive_int, nargs=2, default=(5, 10), help="epochs with dev generations (LIMA: 5-10)")
+    ap.add_argument("--exports", type=_positive_int, default=None, help="exports per run (default: the window and the last epoch)")
+    ap.add_argument("--write-gbs", type=_positive, default=2.0, help="file write bandwidth per GPU's process, GB/s")
     a = ap.parse_args(argv)
-    cfg = ModelConfig.from_name(a.model)
+    try:
+        cfg = ModelConfig.from_name(a.model)
+    except ConfigError as e:
+        ap.error(str(e))
     kw = dict(seq=a.seq, micro_batch=a.micro_batch, checkpointing=a.checkpointing, param_dtype=a.param_dtype,
               moment_dtype=a.moment_dtype)
     p = plan(cfg, a.gpus, **kw)

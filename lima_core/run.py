@@ -4,6 +4,7 @@ encoded conversations, all read and validated before anything is written (`prepa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lima_core.data import Example, encode_conversation, read_conversations
 from lima_core.hf import checkpoint_dtype, read_config
 from lima_core.model import Llama
 from lima_core.parallelize import Distributed
+from lima_core.run_folder import fingerprint
 from lima_core.tokenizer import Tokenizer
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
@@ -37,6 +39,8 @@ class Run:
     from the seed once sharded."""
     export_dtype: torch.dtype
     """Dtype of the epoch exports (train.export_dtype, resolved)."""
+    fingerprint: dict
+    """What a saved position depends on (run_folder.fingerprint), recorded in every train state."""
 
 
 def prepare(cfg: Config, dist: Distributed) -> Run:
@@ -49,11 +53,31 @@ def prepare(cfg: Config, dist: Distributed) -> Run:
     data, dev_data = t.data_files(from_checkpoint=checkpoint is not None)
     train, dev = read_conversations(data), read_conversations(dev_data) if dev_data else []
     model = build_model(cfg, checkpoint, tokenizer)
+    if t.max_len > model.cfg.max_seq_len:
+        raise ConfigError(f"--max-len {t.max_len} is beyond the model's context ({model.cfg.max_seq_len} positions)")
     n_params = model.cfg.num_params()
     model.set_residual_dropout(t.residual_dropout(n_params))
     encode = lambda turns: encode_conversation(tokenizer, turns, t.max_len)  # noqa: E731
+    batch_size = t.global_batch(n_params)
+    stamp = fingerprint(data, dev_data, tokenizer.path, t.model, batch_size, t.max_len, t.epochs, t.seed)
     return Run(cfg, dist, model, tokenizer, [encode(c) for c in train], dev, [encode(c) for c in dev],
-               t.global_batch(n_params), Path(t.out_dir) / t.name, checkpoint, export_dtype(t, checkpoint))
+               batch_size, Path(t.out_dir) / t.name, checkpoint, export_dtype(t, checkpoint), stamp)
+
+
+def check_environment(cfg: Config):
+    """What the run asks of this machine, before any process group starts: CUDA when --device
+    cuda, and for --kernels triton a GPU (or Triton's CPU interpreter, TRITON_INTERPRET=1)."""
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    if t.device == "cuda" and not cuda:
+        raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
+    on_cpu = t.device == "cpu" or not cuda
+    if t.kernels == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("--kernels triton needs a GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
+                          "this run is on the CPU: use --kernels auto or torch")
+    out = Path(t.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out} is a file, not a folder")
 
 
 def build_model(cfg: Config, checkpoint: Path | None, tokenizer: Tokenizer) -> Llama:

@@ -13,6 +13,8 @@ Exported as `lima_core.generate`; the command line is `python -m lima_core.chat`
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -51,13 +53,20 @@ def generate_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: in
                    repetition_penalty: float = LIMA.repetition_penalty, stop_ids=(), generator=None,
                    group=None) -> list[list[int]]:
     """Continue each prompt (token ids); returns each row's new ids, its stop token included if
-    reached. With `group`, a collective: ranks may hold different numbers of prompts (even none)."""
+    reached, at most max_new_tokens and never past the model's context. With `group`, a
+    collective: ranks may hold different numbers of prompts (even none)."""
+    check_settings(max_new_tokens, temperature, top_p, repetition_penalty)
+    context = model.cfg.max_seq_len
+    for p in prompts:
+        if len(p) >= context:
+            raise ValueError(f"a prompt of {len(p)} tokens: beyond the model's context ({context} positions)")
     was_training = model.training
     model.eval()
     weight = model.tok_embeddings.weight
     device = weight.device
     rows = prompts or [[0]]  # a rank without prompts still runs every step's collectives
     b, longest = len(rows), max(len(p) for p in rows)
+    max_new_tokens = min(max_new_tokens, context - longest)
     pad = torch.tensor([longest - len(p) for p in rows], device=device)  # [b] left padding
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in rows], device=device)  # [b, longest]
     slots = torch.arange(longest + max_new_tokens, device=device)
@@ -82,6 +91,18 @@ def generate_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: in
         logits = model(token[:, None], positions=(longest - pad + step)[:, None], cache=cache)[:, -1]
     model.train(was_training)
     return [_until_stop(row, set(stop_ids)) for row in new.tolist()][:len(prompts)]
+
+
+def check_settings(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float):
+    """The sampling settings' ranges (SamplingConfig's, for callers of the Python API)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty}")
 
 
 def _anyone_decoding(done: torch.Tensor, group) -> bool:

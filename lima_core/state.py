@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lima_core.io import commit_dir, temp_path
@@ -54,9 +55,10 @@ class Progress:
         return entry
 
 
-def save_state(directory: str | Path, sharded, optimizer, progress: Progress, keep: int = 2) -> Path:
-    """Write the state of `progress.step` under directory/step-<step> with the RNG states
-    (collective); returns the folder."""
+def save_state(directory: str | Path, sharded, optimizer, progress: Progress, keep: int = 2,
+               fingerprint: dict | None = None) -> Path:
+    """Write the state of `progress.step` under directory/step-<step> with the RNG states and the
+    run's fingerprint (lima_core.run_folder; collective); returns the folder."""
     directory = Path(directory)
     final = directory / f"step-{progress.step}"
     tmp = temp_path(final)
@@ -68,10 +70,11 @@ def save_state(directory: str | Path, sharded, optimizer, progress: Progress, ke
     _barrier(sharded)
     if sharded.rank == 0:
         meta = {"step": progress.step, "world": sharded.world, "optimizer_step": _optimizer_step(optimizer),
-                "units": {u.name: u.numel for u in sharded.units}, "progress": asdict(progress), "rng": rng_state()}
+                "units": {u.name: u.numel for u in sharded.units}, "progress": asdict(progress), "rng": rng_state(),
+                "fingerprint": fingerprint or {}}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
         commit_dir(tmp, final)
-        for old in sorted(complete_states(directory), key=_step_of)[:-keep]:
+        for old in complete_states(directory)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(sharded)
     return final
@@ -94,21 +97,45 @@ def _optimizer_step(optimizer) -> float:
 
 
 def complete_states(directory: str | Path) -> list[Path]:
-    """The complete state folders under directory (those with a state.json)."""
+    """The complete state folders under directory (named step-<k>, with a state.json), newest
+    first; anything else there (a user's `step-2-backup`) is not a state."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return [p for p in directory.glob("step-*") if (p / "state.json").is_file()]
+    states = [p for p in directory.glob("step-*") if _STATE_NAME.fullmatch(p.name) and (p / "state.json").is_file()]
+    return sorted(states, key=_step_of, reverse=True)
+
+
+def unreadable(path: Path) -> str | None:
+    """Why the state at `path` cannot be loaded (state.json or a rank file missing, not JSON,
+    a header that does not parse, a tensor missing), or None when it can."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        for key in ("step", "world", "units", "progress", "rng"):
+            if key not in meta:
+                return f"state.json has no {key!r}"
+        for q in range(meta["world"]):
+            with safe_open(str(path / f"rank-{q}.safetensors"), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+            missing = [f"{u}.{kind}" for u in meta["units"] for kind in ("param", *MOMENTS) if f"{u}.{kind}" not in keys]
+            if missing:
+                return f"rank-{q}.safetensors lacks {missing[0]}"
+    except (OSError, ValueError, TypeError, SafetensorError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def latest_state(directory: str | Path) -> Path | None:
     """The newest complete state under directory, or None."""
     states = complete_states(directory)
-    return max(states, key=_step_of) if states else None
+    return states[0] if states else None
+
+
+_STATE_NAME = re.compile(r"step-(\d+)")
 
 
 def _step_of(path: Path) -> int:
-    return int(path.name.split("-", 1)[1])
+    return int(_STATE_NAME.fullmatch(path.name).group(1))
 
 
 @torch.no_grad()

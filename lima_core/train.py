@@ -31,8 +31,9 @@ from lima_core.metrics import MetricsLogger, plot_losses
 from lima_core.model import Llama
 from lima_core.optim import adamw, lr_at, set_lr
 from lima_core.parallelize import Distributed, destroy_distributed, init_distributed, parallelize
-from lima_core.run import Run, prepare
-from lima_core.state import Progress, latest_state, load_state, save_state
+from lima_core.run import Run, check_environment, prepare
+from lima_core.run_folder import choose_state, claim
+from lima_core.state import Progress, load_state, save_state
 
 
 class Diverged(RuntimeError):
@@ -56,7 +57,7 @@ def step_loss(model: Llama, batch: list[Example], max_len: int, device, dropout_
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss_sum, _ = model(row.tokens, row.labels, positions=row.positions, cu_seqlens=row.cu_seqlens,
                                 max_seqlen=row.max_seqlen, dropout_seed=seed)
-        (loss_sum / mine.num_targets).backward()
+        (loss_sum / max(mine.num_targets, 1)).backward()  # a batch without targets adds nothing
         total += loss_sum.detach()
     if world > 1:
         torch.distributed.all_reduce(total, group=group)
@@ -64,42 +65,51 @@ def step_loss(model: Llama, batch: list[Example], max_len: int, device, dropout_
 
 
 def train(run: Run, sharded, optimizer, progress: Progress, log: MetricsLogger) -> Progress:
-    """The loop: batch -> train step -> clip -> optimizer step -> log -> maybe save / evaluate.
-    Every rank runs it in lockstep (the model's forward holds collectives)."""
-    t, o = run.cfg.train, run.cfg.optim
+    """The loop: batch -> train step -> log -> maybe save; at each epoch's end, export and
+    evaluate. Every rank runs it in lockstep (the model's forward holds collectives)."""
+    t = run.cfg.train
     per_epoch = math.ceil(len(run.train) / run.batch_size)
     total_steps = per_epoch * t.epochs
-    bar = tqdm(total=total_steps, initial=progress.step, desc=t.name, unit="step", dynamic_ncols=True,
-               file=sys.stderr, disable=run.dist.rank != 0)
-    for epoch in range(len(progress.epochs) + 1, t.epochs + 1):  # a state may lie at an epoch's last step
-        for batch in epoch_batches(run.train, run.batch_size, epoch, t.seed)[progress.step - (epoch - 1) * per_epoch:]:
-            started = time.perf_counter()
-            lr = lr_at(progress.step, total_steps, o.lr, o.lr_end)
-            set_lr(optimizer, lr)
-            loss_sum, targets, tokens = step_loss(run.model, batch, t.max_len, run.dist.device,
-                                                  ops.mix_seed(t.seed, progress.step), DTYPES[t.dtype],
-                                                  run.dist.rank, run.dist.world, run.dist.group)
-            grad_norm = sharded.clip_grad_norm_(o.grad_clip or float("inf"))
-            loss_sum, grad_norm = torch.stack([loss_sum, grad_norm]).tolist()  # the step's one host sync
-            check_finite(run, progress.step, epoch, loss_sum / targets, grad_norm)
-            optimizer.step()
-            sharded.zero_grad()
-            progress.tokens += tokens
-            elapsed = time.perf_counter() - started
-            log.step(progress.add_step(epoch, loss_sum / targets, lr, targets, grad_norm, tokens / elapsed))
-            bar.set_postfix(loss=f"{loss_sum / targets:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-            bar.update()
-            if t.save_every and progress.step % t.save_every == 0:
-                save_state(run.out / "state", sharded, optimizer, progress)
-        progress.epochs.append(end_of_epoch(run, sharded, epoch))
-        log.epoch(progress.epochs[-1])
-        if not t.save_every:
-            save_state(run.out / "state", sharded, optimizer, progress)
-        if run.dist.rank == 0:
-            bar.write(f"epoch {epoch}: train loss {progress.history[-1]['loss']:.4f}, "
-                      f"dev loss {progress.epochs[-1]['dev_loss']}")
-    bar.close()
+    with tqdm(total=total_steps, initial=progress.step, desc=t.name, unit="step", dynamic_ncols=True,
+              file=sys.stderr, disable=run.dist.rank != 0) as bar:  # closed (its line ended) also on a stop
+        for epoch in range(len(progress.epochs) + 1, t.epochs + 1):  # a state may lie at an epoch's last step
+            done = progress.step - (epoch - 1) * per_epoch  # steps of this epoch already taken
+            for batch in epoch_batches(run.train, run.batch_size, epoch, t.seed)[done:]:
+                metrics = train_step(run, sharded, optimizer, progress, epoch, batch, total_steps)
+                log.step(metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.update()
+                if t.save_every and progress.step % t.save_every == 0:
+                    save_state(run.out / "state", sharded, optimizer, progress, fingerprint=run.fingerprint)
+            progress.epochs.append(end_of_epoch(run, sharded, epoch))
+            log.epoch(progress.epochs[-1])
+            if not t.save_every:
+                save_state(run.out / "state", sharded, optimizer, progress, fingerprint=run.fingerprint)
+            if run.dist.rank == 0:
+                bar.write(f"epoch {epoch}: train loss {progress.history[-1]['loss']:.4f}, "
+                          f"dev loss {progress.epochs[-1]['dev_loss']}")
     return progress
+
+
+def train_step(run: Run, sharded, optimizer, progress: Progress, epoch: int, batch: list[Example],
+               total_steps: int) -> dict:
+    """Forward and backward of a global batch -> clip -> check -> AdamW; returns the step's metrics."""
+    t, o = run.cfg.train, run.cfg.optim
+    started = time.perf_counter()
+    lr = lr_at(progress.step, total_steps, o.lr, o.lr_end)
+    set_lr(optimizer, lr)
+    loss_sum, targets, tokens = step_loss(run.model, batch, t.max_len, run.dist.device,
+                                          ops.mix_seed(t.seed, progress.step), DTYPES[t.dtype],
+                                          run.dist.rank, run.dist.world, run.dist.group)
+    grad_norm = sharded.clip_grad_norm_(o.grad_clip or float("inf"))
+    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm]).tolist()  # the step's one host sync
+    loss = loss_sum / max(targets, 1)
+    check_finite(run, progress.step, epoch, loss, grad_norm)
+    optimizer.step()
+    sharded.zero_grad()
+    progress.tokens += tokens
+    return progress.add_step(epoch, loss, lr, targets, grad_norm, tokens / (time.perf_counter() - started))
 
 
 def check_finite(run: Run, step: int, epoch: int, loss: float, grad_norm: float):
@@ -108,25 +118,26 @@ def check_finite(run: Run, step: int, epoch: int, loss: float, grad_norm: float)
                        f"the update. The last completed export is intact in {run.out}.")
 
 
-def start(run: Run, sharded, optimizer) -> Progress:
-    """A fresh progress, or the one restored by --resume (auto: the newest complete state).
-    Rank 0 first removes what a crashed process left half-written in the run folder."""
+def say(run: Run, message: str):
+    if run.dist.rank == 0:
+        print(f"lima-core: {message}", file=sys.stderr)
+
+
+def start(run: Run, sharded, optimizer, state: Path | None) -> Progress:
+    """A fresh progress, or the one restored from `state`. Rank 0 first removes what a crashed
+    process left half-written in the run folder."""
     if run.dist.rank == 0:
         remove_stale_temps(run.out)
-        run.out.mkdir(parents=True, exist_ok=True)
         write_json(run.out / "config.json", {**run.cfg.model_dump(), "model": asdict(run.model.cfg),
                                              "world_size": run.dist.world, "batch_size": run.batch_size})
-    resume = run.cfg.train.resume
-    path = None if not resume else latest_state(run.out / "state") if resume == "auto" else Path(resume)
-    if path is None:
+    if state is None:
         return Progress()
-    progress = load_state(path, sharded, optimizer)
-    if run.dist.rank == 0:
-        print(f"lima-core: resumed from {path} (step {progress.step})", file=sys.stderr)
+    progress = load_state(state, sharded, optimizer)
+    say(run, f"resumed from {state} (step {progress.step})")
     return progress
 
 
-def fit(run: Run) -> dict:
+def fit(run: Run, state: Path | None) -> dict:
     """Shard, build the optimizer, train, and write the summary; returns it."""
     cfg = run.cfg
     stds = run.model.init_stds()  # read before sharding takes the parameters away
@@ -141,7 +152,7 @@ def fit(run: Run) -> dict:
     optimizer = adamw(sharded.param_groups(cfg.optim.weight_decay), cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
                       fused=cfg.optim.fused_adamw, moment_dtype=DTYPES[cfg.optim.moment_dtype],
                       copies=sharded.param_copies())
-    progress = start(run, sharded, optimizer)
+    progress = start(run, sharded, optimizer, state)
     with MetricsLogger(run.out, enabled=run.dist.rank == 0, history=progress.history,
                        tensorboard=cfg.train.tensorboard) as log:
         progress = train(run, sharded, optimizer, progress, log)
@@ -153,26 +164,41 @@ def fit(run: Run) -> dict:
     return summary
 
 
+BAD_INPUT = (ConfigError, DataError, FileNotFoundError, ValueError)
+"""Errors of what the user gave (exit status 2); RunFolderError and the loaders' errors are ValueErrors."""
+
+
 def run_job(cfg: Config, dist: Distributed) -> int:
-    """prepare -> fit -> print the choice; returns the exit status. The Run dies with this frame."""
+    """prepare -> take the run folder -> fit -> print the choice; returns the exit status.
+    Nothing is written before the input is validated and the folder is this run's."""
+    t = cfg.train
     try:
         run = prepare(cfg, dist)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        state = choose_state(run.out, t.resume, t.force_resume, run.fingerprint, say=lambda m: say(run, m))
+        lock = claim(run.out, t.resume, t.overwrite, dist.rank, dist.group)
+    except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if dist.rank == 0:
-        print(f"lima-core: {cfg.train.model} ({run.model.cfg.num_params() / 1e6:.1f}M parameters) on {dist.device} "
-              f"x {dist.world}, {len(run.train)} training conversations, batch {run.batch_size}, "
-              f"{cfg.train.epochs} epochs -> {run.out}", file=sys.stderr)
-        if not run.dev:
-            print("lima-core: no dev set (--dev-data): no dev loss or generations; the last epoch of the "
-                  "selection window is the default choice", file=sys.stderr)
     try:
-        summary = fit(run)
-    except Diverged as e:
+        return train_and_report(run, state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_and_report(run: Run, state: Path | None) -> int:
+    say(run, f"{run.cfg.train.model} ({run.model.cfg.num_params() / 1e6:.1f}M parameters) on {run.dist.device} x "
+             f"{run.dist.world}, {len(run.train)} training conversations, batch {run.batch_size}, "
+             f"{run.cfg.train.epochs} epochs -> {run.out}")
+    if not run.dev:
+        say(run, "no dev set (--dev-data): no dev loss or generations; the last epoch of the selection window "
+                 "is the default choice")
+    try:
+        summary = fit(run, state)
+    except (Diverged, OSError) as e:  # OSError: a write failed (disk full...): its message names the path
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if dist.rank == 0:
+    if run.dist.rank == 0:
         print(f"chosen checkpoint: {summary['checkpoint']} ({summary['reason']})")
         chosen = next(e for e in summary["epochs"] if e["epoch"] == summary["chosen_epoch"])
         if "generations" in chosen:
@@ -184,12 +210,16 @@ def run_job(cfg: Config, dist: Distributed) -> int:
 def main(argv=None):
     try:
         cfg = load_config(argv)
+        check_environment(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     dist = init_distributed(cfg.train.device)
     try:
         status = run_job(cfg, dist)
+    except KeyboardInterrupt:
+        print("lima-core: interrupted; --resume auto continues from the last saved train state", file=sys.stderr)
+        status = 130
     finally:
         destroy_distributed(dist)
     if status:
