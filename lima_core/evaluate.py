@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lima_core.config import DTYPES, SamplingConfig, TrainConfig
-from lima_core.data import Example, shard_batch
+from lima_core.data import Conversation, Example, shard_batch
 from lima_core.hf import save_sharded
 from lima_core.io import write_json
 from lima_core.ops import mix_seed
@@ -63,20 +63,20 @@ def dev_loss(model, examples: list[Example], max_len: int, device, dtype: torch.
     return float(total) / max(mine.num_targets, 1)
 
 
-def dev_generations(model, tokenizer, conversations: list[list[str]], sampling: SamplingConfig,
+def dev_generations(model, tokenizer, conversations: list[Conversation], sampling: SamplingConfig,
                     generator: torch.Generator, rank: int = 0, world: int = 1, group=None) -> list[dict]:
     """The model's answer to each dev conversation's last user turn, beside the reference answer.
     Each rank decodes conversations rank, rank + world, ... as one batch; every rank returns all."""
     settings = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                     top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty)
-    mine = answers(model, tokenizer, [turns[:-1] for turns in conversations[rank::world]], generator=generator,
+    mine = answers(model, tokenizer, [c.prompt for c in conversations[rank::world]], generator=generator,
                    group=group, **settings)
     if world > 1:
         every = [None] * world
         torch.distributed.all_gather_object(every, mine, group=group)  # strings between our own ranks
         mine = [every[i % world][i // world] for i in range(len(conversations))]
-    return [{"prompt": turns[:-1], "reference": turns[-1], "answer": reply}
-            for turns, reply in zip(conversations, mine)]
+    return [{"prompt": c.turns[:-1], "system": c.system, "reference": c.turns[-1], "answer": reply}
+            for c, reply in zip(conversations, mine)]
 
 
 def selection_window(cfg: TrainConfig) -> tuple[int, int]:

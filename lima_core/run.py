@@ -5,20 +5,19 @@ encoded conversations, all read and validated before anything is written (`prepa
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lima_core.config import DTYPES, PRESETS, Config, ConfigError, ModelConfig, TrainConfig
-from lima_core.data import Example, encode_conversation, read_conversations
+from lima_core.data import Conversation, Example, check_targets, encode_conversation, read_conversations
 from lima_core.hf import checkpoint_dtype, read_config
 from lima_core.model import Llama
 from lima_core.parallelize import Distributed
 from lima_core.run_folder import fingerprint
-from lima_core.tokenizer import Tokenizer
-
-BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
+from lima_core.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class Run:
     model: Llama
     tokenizer: Tokenizer
     train: list[Example]
-    dev: list[list[str]]
+    dev: list[Conversation]
     dev_examples: list[Example]
     batch_size: int
     out: Path
@@ -57,11 +56,16 @@ def prepare(cfg: Config, dist: Distributed) -> Run:
         raise ConfigError(f"--max-len {t.max_len} is beyond the model's context ({model.cfg.max_seq_len} positions)")
     n_params = model.cfg.num_params()
     model.set_residual_dropout(t.residual_dropout(n_params))
-    encode = lambda turns: encode_conversation(tokenizer, turns, t.max_len)  # noqa: E731
+    encode = lambda c: encode_conversation(tokenizer, c, t.max_len)  # noqa: E731
+    train_examples, dev_examples = [encode(c) for c in train], [encode(c) for c in dev]
+    for conversations, examples in ((train, train_examples), (dev, dev_examples)):
+        warning = check_targets(conversations, examples, t.max_len)  # DataError when none keeps a target
+        if warning and dist.rank == 0:
+            print(f"warning: {warning}", file=sys.stderr)
     batch_size = t.global_batch(n_params)
     stamp = fingerprint(data, dev_data, tokenizer.path, t.model, batch_size, t.max_len, t.epochs, t.seed)
-    return Run(cfg, dist, model, tokenizer, [encode(c) for c in train], dev, [encode(c) for c in dev],
-               batch_size, Path(t.out_dir) / t.name, checkpoint, export_dtype(t, checkpoint), stamp)
+    return Run(cfg, dist, model, tokenizer, train_examples, dev, dev_examples, batch_size,
+               Path(t.out_dir) / t.name, checkpoint, export_dtype(t, checkpoint), stamp)
 
 
 def check_environment(cfg: Config):

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from lima_core.config import SamplingConfig
-from lima_core.data import prompt_ids
 from lima_core.model import KVCache, Llama
 
 LIMA = SamplingConfig()
@@ -127,6 +126,7 @@ def generate(model: Llama, prompt: list[int], **settings) -> list[int]:
 
 def answers(model: Llama, tokenizer, conversations: list[list[str]], **settings) -> list[str]:
     """The assistant's reply to each conversation (each ends with a user turn), decoded as one batch."""
+    from lima_core.data import prompt_ids  # here: `python -m lima_core.data` must not find it imported already
     stop_ids = {tokenizer.eot_id, tokenizer.eos_id}
     ids = generate_batch(model, [prompt_ids(tokenizer, turns) for turns in conversations], stop_ids=stop_ids,
                          **settings)

@@ -20,19 +20,27 @@ from pathlib import Path
 from lima_core.io import write_bytes, write_json
 
 EOT = "<|end_of_turn|>"
+BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
 
-# LIMA's conversation format as a `transformers` chat template: BOS, then every turn and EOT,
-# no role markers (turns alternate, user first). The model answers right after the last user
-# turn's EOT, so add_generation_prompt adds nothing.
+# LIMA's conversation format as a `transformers` chat template: BOS, then every utterance and
+# EOT, no role markers (an optional system turn first, then turns alternate, user first), as
+# data.encode_conversation encodes them. The model answers right after the last user turn's
+# EOT, so add_generation_prompt adds nothing.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% set offset = 1 if messages and messages[0]['role'] == 'system' else 0 %}"
     "{% for message in messages %}"
-    "{% if message['role'] != ['user', 'assistant'][loop.index0 % 2] %}"
-    "{{ raise_exception('LIMA conversations alternate user and assistant turns, starting with the user') }}"
+    "{% if not (loop.first and offset) and message['role'] != ['user', 'assistant'][(loop.index0 - offset) % 2] %}"
+    "{{ raise_exception('LIMA conversations alternate user and assistant turns, starting with the user, "
+    "after an optional first system turn') }}"
     "{% endif %}"
     "{{ message['content'] }}" + EOT +
     "{% endfor %}"
 )
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or cannot be read; the message is one line, starting with its path."""
 
 
 class Tokenizer:
@@ -40,6 +48,8 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = find_tokenizer_file(path)
+        elif not path.is_file():
+            raise TokenizerError(f"{path}: no such tokenizer file (tokenizer.model or tokenizer.json)")
         self.path = path
         if path.suffix == ".json":
             self._init_hf(path)
@@ -50,7 +60,13 @@ class Tokenizer:
         import sentencepiece
 
         self.kind = "sentencepiece"
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError):  # "INTERNAL: could not parse ModelProto from ..."
+            raise TokenizerError(f"{path}: not a sentencepiece model (it does not parse); a tokenizer.json must "
+                                 "be named *.json") from None
+        if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
+            raise TokenizerError(f"{path}: the sentencepiece model has no BOS or EOS token")
         self.base_vocab_size = self._sp.get_piece_size()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         self.bos_token, self.eos_token = self._sp.id_to_piece(self.bos_id), self._sp.id_to_piece(self.eos_id)
@@ -62,7 +78,12 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         self.kind = "tokenizer.json"
-        self._hf = HFTokenizer.from_str(_prefix_every_chunk(path.read_text(encoding="utf-8")))
+        config = _read_json(path)
+        try:
+            self._hf = HFTokenizer.from_str(_prefix_every_chunk(config))
+        except Exception as e:  # tokenizers raises a bare Exception: "Model missing. at line 1 column 2"
+            raise TokenizerError(f"{path}: not a tokenizer.json the tokenizers library can load: "
+                                 f"{_one_line(e)}") from None
         self.base_vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         self.bos_token, self.eos_token = _special_tokens_of(path, self._hf)
         self.bos_id, self.eos_id = self._hf.token_to_id(self.bos_token), self._hf.token_to_id(self.eos_token)
@@ -118,10 +139,28 @@ def find_tokenizer_file(directory: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer.model"):
         if (directory / name).is_file():
             return directory / name
-    raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
+    raise TokenizerError(f"{directory}: no tokenizer.json or tokenizer.model in this folder")
 
 
-def _prefix_every_chunk(tokenizer_json: str) -> str:
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file; TokenizerError naming the file if it is not one."""
+    try:
+        config = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:  # JSONDecodeError is a ValueError
+        where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else _one_line(e)
+        raise TokenizerError(f"{path}: not valid JSON ({where})") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: expected a JSON object at the top level")
+    return config
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _prefix_every_chunk(config: dict) -> str:
     """The tokenizer.json with a Metaspace pre-tokenizer's prepend_scheme "first" made "always".
 
     "first" gives the word-boundary prefix only to text at the very start of the input; "always"
@@ -129,7 +168,6 @@ def _prefix_every_chunk(tokenizer_json: str) -> str:
     no special token spelled in it), as lima-core encodes every turn, so the training ids do not
     change; the export gets "always", and a chat template that puts each turn after a special
     token then encodes it as lima-core does."""
-    config = json.loads(tokenizer_json)
     stack = [config.get("pre_tokenizer")]
     while stack:
         node = stack.pop()
@@ -144,16 +182,19 @@ def _special_tokens_of(path: Path, hf) -> tuple[str, str]:
     """BOS and EOS of a tokenizer.json: from tokenizer_config.json beside it, else by convention."""
     config_path = path.parent / "tokenizer_config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text())
+        config = _read_json(config_path)
         bos, eos = config.get("bos_token"), config.get("eos_token")
         bos = bos.get("content") if isinstance(bos, dict) else bos
         eos = eos.get("content") if isinstance(eos, dict) else eos
         if bos and eos:
+            for name, token in (("bos_token", bos), ("eos_token", eos)):
+                if not isinstance(token, str) or hf.token_to_id(token) is None:
+                    raise TokenizerError(f"{config_path}: its {name} {token!r} is not a token of {path.name}")
             return bos, eos
     for bos, eos in (("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>")):
         if hf.token_to_id(bos) is not None and hf.token_to_id(eos) is not None:
             return bos, eos
-    raise ValueError(f"{path}: cannot tell its BOS and EOS tokens; put a tokenizer_config.json beside it")
+    raise TokenizerError(f"{path}: cannot tell its BOS and EOS tokens; put a tokenizer_config.json beside it")
 
 
 def _added_token(content: str) -> dict:

@@ -2,7 +2,8 @@
 
 `transformers.AutoTokenizer.from_pretrained(export).apply_chat_template(messages)` must give the
 ids lima-core trained on (data.encode_conversation), and with add_generation_prompt=True the ids
-lima-core prompts with (data.prompt_ids), for every tokenizer kind lima-core reads: sentencepiece
+lima-core prompts with (data.prompt_ids), with and without a leading system turn (no loss, then
+EOT like any utterance), for every tokenizer kind lima-core reads: sentencepiece
 files (the bundled one and a real LLaMA-2-style 32k one) and tokenizer.json files (the one
 transformers writes, a Metaspace "first" one, the LLaMA-2 hub layout with a Prepend normalizer,
 and a byte-level one as LLaMA 3 uses). The reference is lima-core's per-turn encoding; the
@@ -23,7 +24,7 @@ from transformers import AutoTokenizer
 
 from helpers import ASSETS
 from lima_core.config import ModelConfig
-from lima_core.data import encode_conversation, prompt_ids, read_conversations
+from lima_core.data import Conversation, encode_conversation, prompt_ids, read_conversations
 from lima_core.hf import save_pretrained
 from lima_core.model import Llama
 from lima_core.tokenizer import EOT, Tokenizer
@@ -31,8 +32,12 @@ from lima_core.tokenizer import EOT, Tokenizer
 NO_TRUNCATION = 10**9
 
 
-def bundled_conversations() -> list[list[str]]:
+def bundled_conversations() -> list[Conversation]:
     return read_conversations(ASSETS / "train.jsonl") + read_conversations(ASSETS / "dev.jsonl")
+
+
+SYSTEMS = ["You are a helpful assistant.", "Answer in one word.\nNo more.", "  Be brief.  ",
+           "日本語で答えて 🙂"]
 
 
 # Text the bundled data lacks: spaces at the ends and in runs, newlines, tabs, unicode (accents,
@@ -46,8 +51,9 @@ SEPARATORS = [" ", " ", " ", "  ", "   ", "    ", "\n", "\n\n", "\t", "", "\n   
 ENDS = ["", "", "", " ", "  ", "\n", "\t", " \n", "\n\n", "    "]
 
 
-def generated_conversations(n: int, seed: int = 0) -> list[list[str]]:
-    """n conversations of 1 to 3 exchanges, every turn with some non-space text."""
+def generated_conversations(n: int, seed: int = 0) -> list[Conversation]:
+    """n conversations of 1 to 3 exchanges, every turn with some non-space text; a third of them
+    open with a system turn."""
     rng = random.Random(seed)
 
     def turn() -> str:
@@ -58,12 +64,18 @@ def generated_conversations(n: int, seed: int = 0) -> list[list[str]]:
     conversations = []
     while len(conversations) < n:
         turns = [turn() for _ in range(2 * rng.randint(1, 3))]
-        if all(t.strip() for t in turns):
-            conversations.append(turns)
+        system = turn() if rng.random() < 1 / 3 else None
+        if all(t.strip() for t in turns + [system or "x"]):
+            conversations.append(Conversation(turns, system))
     return conversations
 
 
-CONVERSATIONS = bundled_conversations() + generated_conversations(160)
+def with_systems(conversations: list[Conversation]) -> list[Conversation]:
+    """Every fourth bundled conversation again, with a system turn."""
+    return [Conversation(c.turns, SYSTEMS[i % len(SYSTEMS)]) for i, c in enumerate(conversations[::4])]
+
+
+CONVERSATIONS = bundled_conversations() + with_systems(bundled_conversations()) + generated_conversations(160)
 
 
 def llama2_32k_model(directory: Path) -> Path:
@@ -105,7 +117,7 @@ def byte_level_tokenizer_json(directory: Path) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([t for c in bundled_conversations() for t in c], trainer)
+    tok.train_from_iterator([t for c in bundled_conversations() for t in c.turns], trainer)
     tok.save(str(directory / "tokenizer.json"))
     return directory / "tokenizer.json"
 
@@ -132,8 +144,9 @@ def export(tok: Tokenizer, path: Path) -> Path:
     return path
 
 
-def template_ids(hf_tok, turns: list[str], add_generation_prompt: bool = False) -> list[int]:
-    messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+def template_ids(hf_tok, conversation: Conversation, add_generation_prompt: bool = False) -> list[int]:
+    messages = [{"role": "system", "content": conversation.system}] if conversation.system is not None else []
+    messages += [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(conversation.turns)]
     out = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a BatchEncoding
 
@@ -148,31 +161,32 @@ def tokenizers(request, tmp_path_factory):
 
 def test_the_template_gives_the_training_ids_and_the_prompt_ids(tokenizers):
     kind, tok, hf_tok = tokenizers
-    assert len(CONVERSATIONS) >= 200
-    for turns in CONVERSATIONS:
-        assert template_ids(hf_tok, turns) == encode_conversation(tok, turns, NO_TRUNCATION).ids, turns
-        prompt = turns[:-1]
-        assert template_ids(hf_tok, prompt, add_generation_prompt=True) == prompt_ids(tok, prompt), prompt
-    exchanges = sum(len(t) // 2 for t in CONVERSATIONS)
-    print(f"\n{kind} (vocab {tok.vocab_size}, {type(hf_tok).__name__}): {len(CONVERSATIONS)} conversations, "
-          f"{sum(map(len, CONVERSATIONS))} turns ({exchanges} exchanges, "
-          f"{sum(len(t) == 2 for t in CONVERSATIONS)} single-turn) match, and their prompts")
+    systems = sum(c.system is not None for c in CONVERSATIONS)
+    assert len(CONVERSATIONS) >= 200 and systems >= 60
+    for c in CONVERSATIONS:
+        assert template_ids(hf_tok, c) == encode_conversation(tok, c, NO_TRUNCATION).ids, c
+        assert template_ids(hf_tok, c.prompt, add_generation_prompt=True) == prompt_ids(tok, c.prompt), c
+    turns = [c.turns for c in CONVERSATIONS]
+    print(f"\n{kind} (vocab {tok.vocab_size}, {type(hf_tok).__name__}): {len(CONVERSATIONS)} conversations "
+          f"({systems} with a system turn), {sum(map(len, turns))} turns ({sum(len(t) // 2 for t in turns)} "
+          f"exchanges, {sum(len(t) == 2 for t in turns)} single-turn) match, and their prompts")
 
 
-def test_the_template_rejects_turns_out_of_order(tokenizers):
+@pytest.mark.parametrize("roles", [["assistant"], ["user", "user"], ["system", "assistant"],
+                                   ["system", "system", "user"], ["user", "system", "assistant"],
+                                   ["user", "assistant", "system"]])
+def test_the_template_rejects_turns_out_of_order(tokenizers, roles):
+    # As data.read_conversations does: a system turn only first, then user and assistant alternate.
     _, _, hf_tok = tokenizers
     with pytest.raises(Exception, match="alternate"):
-        hf_tok.apply_chat_template([{"role": "assistant", "content": "Hi"}], tokenize=False)
-    with pytest.raises(Exception, match="alternate"):
-        hf_tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-                                   tokenize=False)
+        hf_tok.apply_chat_template([{"role": r, "content": "Hi"} for r in roles], tokenize=False)
 
 
 def test_a_special_token_spelled_in_text_is_the_one_difference(tmp_path):
     # lima-core's sentencepiece path encodes "<|end_of_turn|>" in a turn as text; the rendered
     # template is one string to transformers, which finds the special token in it.
     tok = Tokenizer(ASSETS / "tokenizer.model")
-    turns = [f"What does {EOT} mean?", "It ends a turn."]
+    turns = Conversation([f"What does {EOT} mean?", "It ends a turn."])
     hf_tok = AutoTokenizer.from_pretrained(export(tok, tmp_path / "export"))
     ours, theirs = encode_conversation(tok, turns, NO_TRUNCATION).ids, template_ids(hf_tok, turns)
     assert ours.count(tok.eot_id) == 2 and theirs.count(tok.eot_id) == 3

@@ -13,7 +13,8 @@ import torch
 from helpers import ASSETS
 from lima_core import data
 from lima_core.config import ModelConfig
-from lima_core.data import IGNORE, DataError, Example, encode_conversation, pack, read_conversations
+from lima_core.data import (IGNORE, Conversation, DataError, Example, check_targets, encode_conversation, pack,
+                             prompt_ids, read_conversations)
 from lima_core.model import Llama
 from lima_core.tokenizer import Tokenizer
 from lima_core.train import step_loss
@@ -39,6 +40,63 @@ def test_loss_covers_assistant_tokens_and_their_eot_only(tok):
 def test_truncation_at_max_len(tok):
     ex = encode_conversation(tok, ["word " * 50, "answer " * 50], max_len=20)
     assert len(ex.ids) == len(ex.labels) == 20
+
+
+def reference_encoding(tok, system: str | None, turns: list[str], max_len: int) -> Example:
+    """Token by token: BOS, each utterance and its EOT; a token is a target when it belongs to an
+    assistant turn (odd turn index); cut at max_len before the labels are read off."""
+    tokens = [(tok.bos_id, False)]
+    utterances = ([(system, False)] if system is not None else []) + [(t, i % 2 == 1) for i, t in enumerate(turns)]
+    for text, assistant in utterances:
+        tokens += [(i, assistant) for i in tok.encode(text)] + [(tok.eot_id, assistant)]
+    tokens = tokens[:max_len]
+    ids = [i for i, _ in tokens]
+    labels = [tokens[t + 1][0] if t + 1 < len(tokens) and tokens[t + 1][1] else IGNORE for t in range(len(tokens))]
+    return Example(ids, labels)
+
+
+@pytest.mark.parametrize("max_len", [2, 5, 9, 12, 17, 30, 2048])
+@pytest.mark.parametrize("system", [None, "You are terse."])
+def test_encoding_against_a_token_by_token_reference(tok, system, max_len):
+    turns = ["Hi there.", "Hello!", "Tell me a joke.", "No."]
+    ours = encode_conversation(tok, Conversation(turns, system), max_len)
+    assert ours == reference_encoding(tok, system, turns, max_len)
+    if system is None:
+        assert encode_conversation(tok, turns, max_len) == ours  # a plain list: no system turn
+
+
+def test_a_system_turn_comes_first_ends_with_eot_and_is_trained_on_nothing(tok):
+    system, turns = "Answer in one word.", ["Capital of France?", "Paris."]
+    ex = encode_conversation(tok, Conversation(turns, system), 2048)
+    head = [tok.bos_id] + tok.encode(system) + [tok.eot_id]
+    assert ex.ids[:len(head)] == head
+    assert ex.ids[len(head):] == encode_conversation(tok, turns, 2048).ids[1:]
+    assert [l for l in ex.labels if l != IGNORE] == tok.encode("Paris.") + [tok.eot_id]
+    prompt = Conversation(turns, system).prompt
+    assert prompt.turns == turns[:1] and prompt.system == system
+    assert prompt_ids(tok, prompt) == head + tok.encode(turns[0]) + [tok.eot_id]
+
+
+def test_conversations_that_lose_every_target_are_named(tok):
+    # max_len 12: a long first user turn pushes the assistant's first token past it.
+    def at(line: int, turns: list[str]) -> Conversation:
+        return Conversation(turns, None, "d.jsonl", line)
+
+    short, long = ["Hi?", "Yes."], ["word " * 20, "yes"]
+    conversations = [at(2, short), at(3, long), at(5, short)] + [at(n, long) for n in range(8, 18)]
+    examples = [encode_conversation(tok, c, 12) for c in conversations]
+    assert [len(e.ids) for e in examples] == [10, 12, 10] + [12] * 10
+    assert check_targets(conversations[::2][:2], examples[::2][:2], 12) is None
+    assert check_targets(conversations[:12], examples[:12], 12) == (
+        "d.jsonl: 10 of 12 conversations have no assistant token within --max-len 12 and are trained on nothing "
+        "(lines 3, 8, 9, 10, 11, 12, 13, 14, 15, 16)")
+    assert check_targets(conversations, examples, 12).endswith(
+        "11 of 13 conversations have no assistant token within --max-len 12 and are trained on nothing "
+        "(lines 3, 8, 9, 10, 11, 12, 13, 14, 15, 16, ...)")
+    with pytest.raises(DataError) as err:
+        check_targets(conversations[3:], examples[3:], 12)
+    assert str(err.value) == ("d.jsonl: every conversation (10) starts its assistant turns past --max-len 12: "
+                              "nothing to train on or measure (raise --max-len or shorten the prompts, from line 8)")
 
 
 def example(n: int, first_id: int) -> Example:
@@ -137,7 +195,8 @@ GOOD = json.dumps({"conversations": ["Hello?", "Hi!"], "source": "test"})
     ('{"conversations": ["only the user"]}', "at least two turns"),
     ('{"conversations": ["a", "b", "c"]}', "ends with a user turn"),
     ('{"conversations": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "must alternate"),
-    ('{"conversations": ["a", 7]}', "turn 2 must be a non-empty string"),
+    ('{"conversations": ["a", 7]}', "turn 2 is a number where turn 1 is a string"),
+    ('{"conversations": ["a", " "]}', "turn 2 must have non-empty text"),
     ('["a", "b"]', "expected a JSON object"),
 ])
 def test_a_bad_line_names_the_file_and_line(tmp_path, bad, message):
@@ -148,13 +207,14 @@ def test_a_bad_line_names_the_file_and_line(tmp_path, bad, message):
 
 
 def test_an_empty_file_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="blank"):
         read_conversations(write_lines(tmp_path / "empty.jsonl", ["", "  "]))
 
 
 def test_role_content_turns_are_accepted(tmp_path):
     line = json.dumps({"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
-    assert read_conversations(write_lines(tmp_path / "d.jsonl", [line])) == [["a", "b"]]
+    path = write_lines(tmp_path / "d.jsonl", [line])
+    assert read_conversations(path) == [Conversation(["a", "b"], None, str(path), 1)]
 
 
 def test_the_trainer_exits_2_on_bad_data_and_leaves_no_run_folder(tmp_path):
