@@ -13,7 +13,7 @@ import torch
 
 from lima_core.config import DTYPES, PRESETS, Config, ConfigError, ModelConfig, TrainConfig
 from lima_core.data import Conversation, Example, check_targets, encode_conversation, read_conversations
-from lima_core.hf import checkpoint_dtype, read_config
+from lima_core.hf import check_checkpoint, checkpoint_dtype, read_config
 from lima_core.model import Llama
 from lima_core.parallelize import Distributed
 from lima_core.run_folder import fingerprint
@@ -93,6 +93,7 @@ def build_model(cfg: Config, checkpoint: Path | None, tokenizer: Tokenizer) -> L
         with torch.device("meta"):
             model = Llama(read_config(checkpoint), kernels=cfg.train.kernels)
         model.resize_vocab(tokenizer.vocab_size)
+        check_checkpoint(checkpoint, model)  # every header, before anything is written
         return model
     mcfg = ModelConfig.from_name(cfg.train.model, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
                                  eos_id=tokenizer.eos_id)

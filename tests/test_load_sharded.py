@@ -103,3 +103,87 @@ def test_two_ranks_from_a_bf16_checkpoint_stay_bf16_end_to_end(tmp_path):
     assert len(generations) == 5
     for g in generations:
         assert g["answer"] == answer(model, tok, g["prompt"], max_new_tokens=6, temperature=0), g["prompt"]
+
+
+# ---- one rank, in this process: what the sharded path reads, and what it refuses ----------
+
+
+def sharded_model(cfg, vocab_size: int):
+    """A model built on the meta device as the trainer builds it, grown to vocab_size, sharded on one rank."""
+    from lima_core.model import Llama
+    from lima_core.parallelize import parallelize
+
+    with torch.device("meta"):
+        model = Llama(cfg, kernels="torch")
+    model.resize_vocab(vocab_size)
+    return parallelize(model, checkpointing="none", device="cpu")
+
+
+def full_state(sharded) -> dict[str, torch.Tensor]:
+    from lima_core.hf import hf_key
+
+    return {hf_key(k): v for unit in sharded.units for k, v in sharded.full_tensors(unit).items()}
+
+
+def test_one_rank_reads_every_tensor_and_gives_the_new_vocabulary_row_the_mean(checkpoint):
+    from lima_core.hf import load_sharded, read_config
+
+    base_vocab = Tokenizer(ASSETS / "tokenizer.model").base_vocab_size
+    sharded = sharded_model(read_config(checkpoint), base_vocab + 1)
+    load_sharded(sharded, checkpoint)
+    original, loaded = exported_tensors(checkpoint), full_state(sharded)
+    assert set(loaded) == set(original)
+    for key, value in original.items():
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(loaded[key][:-1], value)
+            torch.testing.assert_close(loaded[key][-1], value.double().mean(0).float(), rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(loaded[key], value), key
+
+
+def file_of(path: Path, key: str) -> Path:
+    import json
+
+    return path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def q_proj_half_rows(path: Path) -> Path:
+    """Cut the first q_proj to 16 of its 32 rows (the sharded loader used to pad it with the mean
+    row, as if it were a grown vocabulary); returns its file."""
+    from safetensors.torch import save_file
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors = load_file(file_of(path, key))
+    tensors[key] = tensors[key][:16].clone()
+    save_file(tensors, file_of(path, key), metadata={"format": "pt"})
+    return file_of(path, key)
+
+
+@pytest.mark.parametrize("case", ["q_proj with half its rows", "a model wider than the checkpoint",
+                                  "a model with fewer vocabulary rows"])
+def test_the_sharded_path_refuses_a_mismatch_before_writing_a_shard(checkpoint, tmp_path, case):
+    import dataclasses
+    import shutil
+
+    from lima_core.hf import CheckpointError, load_sharded, read_config
+
+    path = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    cfg = read_config(path)
+    vocab = cfg.vocab_size + 1  # EOT, as the trainer grows it
+    if case == "q_proj with half its rows":
+        at_fault = q_proj_half_rows(path)
+        says = "model.layers.0.self_attn.q_proj.weight has shape (16, 32), the config says (32, 32)"
+    elif case == "a model wider than the checkpoint":
+        cfg = dataclasses.replace(cfg, ffn_dim=64)
+        at_fault = file_of(path, "model.layers.0.mlp.gate_proj.weight")
+        says = "model.layers.0.mlp.gate_proj.weight has shape (56, 32), the model has (64, 32)"
+    else:
+        vocab = cfg.vocab_size - 1
+        cfg = dataclasses.replace(cfg, vocab_size=vocab)
+        at_fault = file_of(path, "model.embed_tokens.weight")
+        says = f"model.embed_tokens.weight has shape ({vocab + 1}, 32), the model has ({vocab}, 32)"
+    sharded = sharded_model(cfg, vocab)
+    with pytest.raises(CheckpointError) as error:
+        load_sharded(sharded, path)
+    assert str(error.value) == f"{at_fault}: {says}"
+    assert all(not unit.shard.any() for unit in sharded.units)  # refused before the first slot was read
