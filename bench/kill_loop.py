@@ -4,10 +4,11 @@ weights of an uninterrupted run.
 
     python bench/kill_loop.py [--kills 20] [--seed 0] [--out /tmp/kill-loop]
 
-Each round starts `python -m lima_core.train ... --resume auto`, waits a random time (long
-enough, often, to land in an export or a state write: both happen every step or epoch
-here) and sends SIGKILL; it notes whether a temporary (`.tmp-*`) existed at that moment, i.e.
-a write was under way. Then the run is resumed to its end, and everything on disk is checked.
+Each round starts `python -m lima_core.train ... --resume auto` and sends SIGKILL: in even
+rounds after a random time, in odd rounds the moment a temporary (`.tmp-*`) appears after a
+random time, i.e. in the middle of an export or a state write (both happen every epoch or step
+here). Each kill notes whether a write was under way. Then the run is resumed to its end, and
+everything on disk is checked.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lima_core.io import TEMP_PREFIX  # noqa: E402
 from lima_core.state import complete_states, unreadable  # noqa: E402
 
 
-EPOCHS = 40  # long enough (~2 minutes on 2 cores) for every kill to land before the end
+EPOCHS = 80  # long enough (~3 minutes on 2 cores) for every kill to land before the end
 
 
 def train_cmd(out: Path, name: str, data: Path) -> list[str]:
@@ -65,6 +66,10 @@ def main(argv=None):
         proc = subprocess.Popen(train_cmd(a.out / "runs", "killed", data), cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(2.0, 7.0))  # the interpreter and torch take ~2 s to start
+        if kills % 2:  # aim at a write: poll for a temporary for up to 5 s
+            deadline = time.monotonic() + 5
+            while not temporaries(run) and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.002)
         if proc.poll() is not None:
             if proc.returncode != 0:
                 sys.exit(f"round {kills}: the run failed:\n{proc.stderr.read().decode()[-3000:]}")
