@@ -1,6 +1,7 @@
 """Configuration: sections, precedence (defaults < TOML < flags), LIMA's defaults and size rules,
 and a one-line error naming the file:line or the flag for every bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -114,3 +115,59 @@ def test_presets_have_their_published_sizes():
     for name, billions in {"llama-7b": 6.7, "llama-13b": 13.0, "llama-33b": 32.5, "llama-65b": 65.2,
                            "llama-2-70b": 69.0, "llama-3-8b": 8.0, "llama-3-70b": 70.6}.items():
         assert sizes[name] == pytest.approx(billions, rel=0.02), name
+
+
+# ---- fuzzing: whatever the file or the flags say, a Config or a ConfigError, nothing else ----
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lima_core.config import _SECTIONS  # noqa: E402
+
+KEYS = [(section, key) for section, model in _SECTIONS.items() for key in model.model_fields]
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                   st.text(max_size=12), st.lists(st.integers(-5, 20), max_size=3))
+
+
+def toml_value(v) -> str | None:
+    """v as a TOML value (None: TOML has no null, so the key is left out)."""
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "nan" if v != v else ("inf" if v == float("inf") else "-inf" if v == float("-inf") else repr(v))
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a TOML basic string (a lone surrogate: TOML refuses it)
+    if isinstance(v, list):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.sampled_from(KEYS + [("train", "nonsense"), ("nowhere", "lr")]), VALUES), max_size=6))
+def test_fuzzed_toml_files_give_a_config_or_a_config_error(tmp_path_factory, entries):
+    tables: dict[str, list[str]] = {}
+    for (section, key), value in entries:
+        text = toml_value(value)
+        if text is not None:
+            tables.setdefault(section, []).append(f"{key} = {text}")
+    body = "".join(f"[{s}]\n" + "\n".join(dict.fromkeys(lines)) + "\n" for s, lines in tables.items())
+    path = tmp_path_factory.mktemp("fuzz") / "run.toml"
+    path.write_text(body)
+    try:
+        load_config(["--config", str(path)])
+    except ConfigError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.sampled_from(KEYS), st.text(max_size=10)), max_size=5))
+def test_fuzzed_flags_give_a_config_or_a_config_error(flags):
+    argv = [a for (_, key), text in flags for a in (f"--{key.replace('_', '-')}", text)]
+    try:
+        load_config(argv)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+    except SystemExit as e:  # argparse: a flag value that looks like a flag ("--x") is a usage error
+        assert e.code == 2
