@@ -61,21 +61,12 @@ def generate_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: in
             raise ValueError(f"a prompt of {len(p)} tokens: beyond the model's context ({context} positions)")
     was_training = model.training
     model.eval()
-    weight = model.tok_embeddings.weight
-    device = weight.device
     rows = prompts or [[0]]  # a rank without prompts still runs every step's collectives
     b, longest = len(rows), max(len(p) for p in rows)
     max_new_tokens = min(max_new_tokens, context - longest)
-    pad = torch.tensor([longest - len(p) for p in rows], device=device)  # [b] left padding
-    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in rows], device=device)  # [b, longest]
-    slots = torch.arange(longest + max_new_tokens, device=device)
-    padding = slots[None, :] < pad[:, None] if any(len(p) < longest for p in rows) else None
-    cache = KVCache(model.cfg, b, longest + max_new_tokens, device, weight.dtype, padding=padding)
-    seen = torch.zeros(b, model.cfg.vocab_size, dtype=torch.bool, device=device)  # for the penalty
-    for i, p in enumerate(rows):
-        seen[i, p] = True
-    positions = (slots[None, :longest] - pad[:, None]).clamp(min=0)  # [b, longest]
-    logits = model(tokens, positions=positions, cache=cache)[:, -1]  # [b, vocab]
+    cache, logits, seen = prefill(model, rows, max_new_tokens)
+    device = logits.device
+    lengths = torch.tensor([len(p) for p in rows], device=device)  # [b]
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     new = torch.empty(b, 0, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -87,9 +78,30 @@ def generate_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: in
         done |= torch.isin(token, stops)
         if step + 1 == max_new_tokens or not _anyone_decoding(done, group):
             break
-        logits = model(token[:, None], positions=(longest - pad + step)[:, None], cache=cache)[:, -1]
+        logits = model(token[:, None], positions=(lengths + step)[:, None], cache=cache)[:, -1]
     model.train(was_training)
     return [_until_stop(row, set(stop_ids)) for row in new.tolist()][:len(prompts)]
+
+
+def prefill(model: Llama, prompts: list[list[int]], free_slots: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    """The prompts through the model together, shorter ones padded on the left (padding hidden
+    from attention and from the repetition penalty, positions restarting at each prompt's first
+    token), into a cache with `free_slots` slots after the longest prompt. Returns the cache,
+    each row's next-token logits [b, vocab] and the tokens each row has seen [b, vocab] bool."""
+    weight = model.tok_embeddings.weight
+    device = weight.device
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # [b] left padding
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # [b, longest]
+    slots = torch.arange(longest + free_slots, device=device)
+    padding = slots[None, :] < pad[:, None] if any(len(p) < longest for p in prompts) else None
+    cache = KVCache(model.cfg, b, longest + free_slots, device, weight.dtype, padding=padding)
+    seen = torch.zeros(b, model.cfg.vocab_size, dtype=torch.bool, device=device)  # for the penalty
+    for i, p in enumerate(prompts):
+        seen[i, p] = True
+    positions = (slots[None, :longest] - pad[:, None]).clamp(min=0)  # [b, longest]
+    logits = model(tokens, positions=positions, cache=cache)[:, -1]  # [b, vocab]
+    return cache, logits, seen
 
 
 def check_settings(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float):
