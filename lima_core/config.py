@@ -182,6 +182,10 @@ class TrainConfig(_Section):
     """Epoch window (of 15) the exported checkpoint is chosen from; scaled to the number of epochs."""
     export_epochs: Literal["window", "all"] = "window"
     """Epochs written as HF exports: window (those of the selection window, and the last) or all."""
+    judge_url: str = ""
+    """An OpenAI-compatible judge (base URL): at the end, choose among the window's epochs by its pairwise verdicts."""
+    judge_model: str = ""
+    """The judge's model name (with judge_url; the key comes from $OPENAI_API_KEY)."""
     export_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Dtype of the exports: auto keeps the initial checkpoint's (a preset's: dtype), or fp32 or bf16."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -295,6 +299,8 @@ class Config(_Section):
     def _consistent(self) -> "Config":
         if self.optim.moment_dtype == "bf16" and not self.optim.fused_adamw:
             raise ValueError("--moment-dtype bf16 needs the native AdamW: it cannot go with --fused-adamw false")
+        if bool(self.train.judge_url) != bool(self.train.judge_model):
+            raise ValueError("--judge-url and --judge-model go together: give both, or neither")
         if self.train.resume and self.train.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: resume a run or start it afresh")
         return self

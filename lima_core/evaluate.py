@@ -79,6 +79,26 @@ def dev_generations(model, tokenizer, conversations: list[Conversation], samplin
             for c, reply in zip(conversations, mine)]
 
 
+def judge_choice(run: Run) -> str | None:
+    """With a judge configured (train.judge_url and judge_model), choose among the window's epochs
+    by its pairwise verdicts on the dev generations (lima_core.eval.choose, which rewrites
+    summary.json with the choice and why). Rank 0 only; returns why it could not, or None."""
+    import os
+
+    from lima_core.eval.choose import choose
+    from lima_core.eval.client import EndpointError, make_client
+    from lima_core.eval.generate import EvalError
+    from lima_core.eval.judge import Judge
+
+    t = run.cfg.train
+    judge = Judge(make_client(t.judge_url, os.environ.get("OPENAI_API_KEY", ""), timeout=600.0), t.judge_model)
+    try:
+        choose(run.out, judge)
+    except (EvalError, EndpointError) as e:
+        return str(e)
+    return None
+
+
 def selection_window(cfg: TrainConfig) -> tuple[int, int]:
     """LIMA's epochs 5-10 of 15, scaled to this run's number of epochs."""
     scale = cfg.epochs / 15

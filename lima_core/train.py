@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lima_core import ops
 from lima_core.config import DTYPES, Config, ConfigError, load_config
 from lima_core.data import DataError, Example, epoch_batches, shard_batch
-from lima_core.evaluate import end_of_epoch, selection_window, summarize
+from lima_core.evaluate import end_of_epoch, judge_choice, selection_window, summarize
 from lima_core.hf import load_sharded
 from lima_core.init import init_sharded
 from lima_core.io import remove_stale_temps, write_json
@@ -161,6 +161,11 @@ def fit(run: Run, state: Path | None) -> dict:
         write_json(run.out / "summary.json", summary)
         if cfg.train.plot:
             plot_losses(progress.history, progress.epochs, run.out / "loss.png")
+        if cfg.train.judge_url and run.dev:
+            problem = judge_choice(run)
+            if problem:
+                say(run, f"warning: the judge could not choose ({problem}); the dev-loss choice stands")
+            summary = json.loads((run.out / "summary.json").read_text())
     return summary
 
 

@@ -454,3 +454,31 @@ def test_retries_back_off_exponentially(judge):
     flaky = ask("[Answer A]\nx [flaky]\n[End of answer A]\n\n[Answer B]\ny [good]\n[End of answer B]")
     assert (flaky.parsed, flaky.attempts, waits) == ("B", 2, [0.5])
     assert judge.calls["pairwise"] == 6
+
+
+def test_the_trainer_chooses_by_a_configured_judge(tmp_path):
+    """--judge-url / --judge-model in the run's config: at the end the window's epochs are
+    compared by the judge and summary.json says which it chose and why."""
+    from lima_core import train
+
+    lines = (ASSETS / "train.jsonl").read_text().splitlines()
+    data = write_jsonl(tmp_path / "train.jsonl", [json.loads(line) for line in lines[:4]])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [json.loads(line) for line in (ASSETS / "dev.jsonl").read_text().splitlines()[:3]])
+    with ScriptedJudge("distinct-words") as server:
+        outcome = run_entry(train.main, ["--data", str(data), "--dev-data", str(dev), "--out-dir", str(tmp_path / "runs"),
+                                         "--name", "t", "--epochs", "3", "--batch-size", "2", "--max-len", "256",
+                                         "--max-new-tokens", "12", "--plot", "false", "--judge-url", server.url,
+                                         "--judge-model", "scripted"], tmp_path)
+        assert outcome.status == 0, outcome.err
+        assert server.calls["pairwise"] == 2 * 3  # the window (epochs 1-2 of 3): one pair, both orders, 3 prompts
+    summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    assert summary["chosen_by_judge"]["epoch"] == summary["chosen_epoch"] in (1, 2)
+    assert "Bradley-Terry" in summary["reason"] and "chosen_by_dev_loss" in summary
+    assert f"chosen checkpoint: {summary['checkpoint']}" in outcome.out
+
+
+def test_a_judge_url_needs_a_judge_model(tmp_path):
+    from lima_core import train
+
+    outcome = run_entry(train.main, ["--judge-url", "http://127.0.0.1:1/v1", "--out-dir", str(tmp_path / "r")], tmp_path)
+    assert outcome.status == 2 and "--judge-url and --judge-model go together" in outcome.err
