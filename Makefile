@@ -14,7 +14,10 @@ setup: $(STAMP)
 # torch first (the local CPU wheel), then the build backend, then lima_kernels (pure Python, its
 # own package) and lima-core in place, built against that torch (--no-build-isolation), with
 # every version pinned by requirements.lock.
+# Debian's chromium for the annotation page's browser test (Playwright drives /usr/bin/chromium;
+# its own browser download is never used); installed as root only where it is missing.
 $(STAMP): pyproject.toml kernels/pyproject.toml requirements.lock CMakeLists.txt $(wildcard csrc/*)
+	test -x /usr/bin/chromium || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y chromium || (apt-get update && apt-get install -y chromium))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) scikit-build-core==1.1.2

@@ -82,6 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the prompts (default 2000)")
     report.add_argument("--seed", type=int, default=0)
 
+    annotate = commands.add_parser("annotate", help="a web page where people judge pairs of responses")
+    annotate.add_argument("--db", required=True, help="the SQLite file the people's judgments are kept in")
+    annotate.add_argument("--pairs", nargs=2, required=True, metavar=("A.jsonl", "B.jsonl"),
+                          help="the system under test's responses and the baseline's")
+    annotate.add_argument("--overlap", type=int, default=0,
+                          help="items every annotator gets (for agreement); the rest go to one each (default 0)")
+    annotate.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    annotate.add_argument("--port", type=int, default=8100)
+    annotate.add_argument("--seed", type=int, default=0, help="the shuffle that picks the shared items")
+
+    chat = commands.add_parser("chat", help="a web page where a person talks with a served model and labels replies")
+    chat.add_argument("--endpoint", required=True, help="an OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    chat.add_argument("--model", required=True, help="the endpoint's model name (the checkpoint in the report)")
+    chat.add_argument("--db", required=True, help="the SQLite file conversations and labels are kept in")
+    chat.add_argument("--max-tokens", type=int, default=256, help="longest reply (default 256)")
+    chat.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    chat.add_argument("--port", type=int, default=8101)
+    _endpoint_flags(chat)
+
+    export = commands.add_parser("export", help="the people's judgments as JSONL or CSV")
+    export.add_argument("--db", required=True)
+    export.add_argument("--out", required=True, help="a .jsonl or .csv file")
+
     choose = commands.add_parser("choose", help="rank a run's epochs by a judge; write the choice in summary.json")
     choose.add_argument("run_dir", metavar="RUN_DIR")
     choose.add_argument("--db", help="the SQLite file (default: RUN_DIR/judgments.sqlite)")
@@ -162,7 +185,7 @@ def run_report(args) -> None:
 
     _at_least(args.bootstrap, 100, "--bootstrap")
     numbers = write_report(args.db, args.out, args.bootstrap, args.seed)
-    if not numbers["comparisons"] and not numbers["likert"]:
+    if not numbers["comparisons"] and not numbers["likert"] and not numbers["live"]:
         print(f"{args.db}: no judgments or grades yet", file=sys.stderr)
     if numbers["comparisons"]:
         print(format_table(table_rows(numbers["comparisons"])))
@@ -170,11 +193,53 @@ def run_report(args) -> None:
         interval = f" [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] else ""
         mean = "-" if r["mean"] is None else f"{r['mean']:.2f}{interval}"
         print(f"likert {r['system']} ({r['rater']}): mean {mean} over {r['graded']} ({r['unparsed']} unparsed)")
+    from lima_core.eval.report import alpha_line
+
     for r in numbers["agreement"]:
         kappa = "-" if r["weighted_kappa"] is None else f"{r['weighted_kappa']:.3f}"
-        print(f"agreement {' / '.join(r['raters'])}: tie-discounted accuracy {r['tie_discounted_accuracy']:.3f} "
-              f"on {r['items']} items, weighted kappa {kappa}")
+        interval = f" [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}]" if r["interval"] else ""
+        print(f"agreement {' / '.join(r['raters'])} ({' / '.join(r['kinds'])}): tie-discounted accuracy "
+              f"{r['tie_discounted_accuracy']:.3f}{interval} on {r['items']} items, weighted kappa {kappa}")
+    if numbers["people_alpha"] is not None:
+        print(alpha_line(numbers["people_alpha"]))
+    from lima_core.eval.report import live_label_lines
+
+    for line in live_label_lines(numbers["live"], numbers["live_differences"]):
+        print(line)
     print(f"wrote {Path(args.out) / 'report.html'}, win_tie_loss.png, report.json")
+
+
+def run_annotate(args) -> None:
+    import uvicorn
+
+    from lima_core.eval.annotate import Annotation, create_app, load_pairs
+
+    _at_least(args.overlap, 0, "--overlap")
+    shared, spread = load_pairs(args.pairs[0], args.pairs[1], args.overlap, args.seed)
+    if args.overlap > len(shared):
+        raise EvalError(f"--overlap {args.overlap} is more than the {len(shared)} pairs there are")
+    app = create_app(Annotation(args.db, shared, spread))
+    print(f"annotation of {len(shared) + len(spread)} pairs ({len(shared)} shared) on http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def run_chat(args) -> None:
+    import uvicorn
+
+    from lima_core.eval.chat import Chat, create_chat_app, endpoint_reply
+
+    _at_least(args.max_tokens, 1, "--max-tokens")
+    reply = endpoint_reply(args.endpoint, args.model, args.api_key, args.timeout, args.max_tokens, args.retries)
+    app = create_chat_app(Chat(args.db, args.model, reply))
+    print(f"live ratings of {args.model} on http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def run_export(args) -> None:
+    from lima_core.eval.annotate import export
+
+    count = export(args.db, args.out)
+    print(f"{count} people's judgments written to {args.out}")
 
 
 def run_choose(args) -> None:
@@ -193,7 +258,8 @@ def run_choose(args) -> None:
 
 
 COMMANDS = {"generate": run_generate, "judge": run_judge, "likert": run_likert, "report": run_report,
-            "choose": run_choose}
+            "choose": run_choose,
+            "annotate": run_annotate, "chat": run_chat, "export": run_export}
 
 
 def main(argv=None) -> None:

@@ -164,30 +164,146 @@ def likert_stats(conn, replicates: int, seed: int) -> list[dict]:
     return out
 
 
-def agreement_stats(comparisons: dict[tuple, list[Item]], replicates: int, seed: int) -> list[dict]:
-    """For every two raters, over the items both judged and both parsed: LIMA's tie-discounted
-    accuracy with a bootstrap interval over prompts, and linearly weighted Cohen's kappa."""
-    outcomes = defaultdict(dict)  # rater -> (system_a, system_b, prompt, sample) -> outcome
+def _outcomes_by_rater(comparisons: dict[tuple, list[Item]]) -> tuple[dict, dict]:
+    """rater -> {(system_a, system_b, prompt, sample): parsed outcome}, and rater -> rater_kind."""
+    outcomes, kinds = defaultdict(dict), {}
     for (a, b, rater), items in comparisons.items():
         for i in items:
+            kinds[rater] = i.rows[0]["rater_kind"]
             if i.outcome != "unparsed":
                 outcomes[rater][a, b, i.prompt_id, i.sample] = i.outcome
+    return outcomes, kinds
+
+
+def _agreement(first: dict, second: dict, replicates: int, seed: int) -> dict | None:
+    """Tie-discounted accuracy (with a bootstrap interval over prompts) and weighted kappa of two
+    {item: outcome} maps over the items both have; None when they share none."""
+    shared = sorted(set(first) & set(second))
+    if not shared:
+        return None
+    x, y = [first[k] for k in shared], [second[k] for k in shared]
+    per_prompt = defaultdict(lambda: np.zeros(2))
+    for key, u, v in zip(shared, x, y):
+        per_prompt[key[2]] += [stats.agreement_score(u, v), 1]
+    matrix = np.array(list(per_prompt.values()))
+    sums = stats.bootstrap_sums(matrix, replicates, seed)
+    return {"items": len(shared), "tie_discounted_accuracy": stats.tie_discounted_accuracy(x, y),
+            "interval": _interval(stats.ratio_interval(sums[:, 0], sums[:, 1])),
+            "weighted_kappa": stats.weighted_kappa(x, y)}
+
+
+PEOPLE_MAJORITY = "majority of people"
+
+
+def agreement_stats(comparisons: dict[tuple, list[Item]], replicates: int, seed: int) -> list[dict]:
+    """For every two raters (person-person, person-model, model-model), over the items both
+    judged and both parsed: LIMA's tie-discounted accuracy with a bootstrap interval over
+    prompts, and linearly weighted Cohen's kappa. Then each model rater against the majority of
+    people: on items two or more people judged and more than half of them gave one outcome."""
+    outcomes, kinds = _outcomes_by_rater(comparisons)
     out = []
     for first, second in combinations(sorted(outcomes), 2):
-        shared = sorted(set(outcomes[first]) & set(outcomes[second]))
-        if not shared:
-            continue
-        x, y = [outcomes[first][k] for k in shared], [outcomes[second][k] for k in shared]
-        per_prompt = defaultdict(lambda: np.zeros(2))
-        for key, u, v in zip(shared, x, y):
-            per_prompt[key[2]] += [stats.agreement_score(u, v), 1]
-        matrix = np.array(list(per_prompt.values()))
-        sums = stats.bootstrap_sums(matrix, replicates, seed)
-        out.append({"raters": [first, second], "items": len(shared),
-                    "tie_discounted_accuracy": stats.tie_discounted_accuracy(x, y),
-                    "interval": _interval(stats.ratio_interval(sums[:, 0], sums[:, 1])),
-                    "weighted_kappa": stats.weighted_kappa(x, y)})
+        row = _agreement(outcomes[first], outcomes[second], replicates, seed)
+        if row:
+            out.append({"raters": [first, second], "kinds": [kinds[first], kinds[second]], **row})
+    people = [r for r in sorted(outcomes) if kinds[r] == "person"]
+    majority = {}
+    for key in {k for r in people for k in outcomes[r]}:
+        verdicts = [outcomes[r][key] for r in people if key in outcomes[r]]
+        if len(verdicts) >= 2 and stats.majority(verdicts) is not None:
+            majority[key] = stats.majority(verdicts)
+    for model in (r for r in sorted(outcomes) if kinds[r] == "model"):
+        row = _agreement(outcomes[model], majority, replicates, seed)
+        if row:
+            out.append({"raters": [model, PEOPLE_MAJORITY], "kinds": ["model", "people"], **row})
     return out
+
+
+def people_alpha(comparisons: dict[tuple, list[Item]]) -> dict | None:
+    """Krippendorff's alpha (interval metric over loss < tie < win) across every person, over
+    the items two or more people judged; None without two people."""
+    outcomes, kinds = _outcomes_by_rater(comparisons)
+    people = [r for r in sorted(outcomes) if kinds[r] == "person"]
+    if len(people) < 2:
+        return None
+    units = defaultdict(list)
+    for r in people:
+        for key, outcome in outcomes[r].items():
+            units[key].append(outcome)
+    pairable = [u for u in units.values() if len(u) >= 2]
+    return {"raters": people, "items": len(pairable), "alpha": stats.krippendorff_alpha_interval(pairable)}
+
+
+def _live_labels(conn) -> dict[str, tuple[np.ndarray, list]]:
+    """checkpoint -> ([conversations, 3] label counts (fail, pass, excellent), its labelled turns)."""
+    from lima_core.eval.chat import LABELS
+
+    rows = conn.execute("SELECT c.checkpoint, c.id AS conversation, t.turn, t.label FROM turns t "
+                        "JOIN conversations c ON c.id = t.conversation WHERE t.label IS NOT NULL").fetchall()
+    out = {}
+    for checkpoint in sorted({r["checkpoint"] for r in rows}):
+        mine = [r for r in rows if r["checkpoint"] == checkpoint]
+        per_conversation = defaultdict(lambda: np.zeros(len(LABELS)))
+        for r in mine:
+            per_conversation[r["conversation"]][list(LABELS).index(r["label"])] += 1
+        out[checkpoint] = (np.array(list(per_conversation.values())), mine)
+    return out
+
+
+def live_label_differences(conn, replicates: int, seed: int) -> list[dict]:
+    """For every two checkpoints: the difference of each label's share (first minus second),
+    with a 95% interval from resampling each checkpoint's conversations independently."""
+    from lima_core.eval.chat import LABELS
+
+    labels = _live_labels(conn)
+    out = []
+    for first, second in combinations(sorted(labels), 2):
+        x, y = labels[first][0], labels[second][0]
+        sums_x, sums_y = stats.bootstrap_sums(x, replicates, seed), stats.bootstrap_sums(y, replicates, seed + 1)
+        row = {"checkpoints": [first, second]}
+        for k, label in enumerate(LABELS):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                replicate_diffs = sums_x[:, k] / sums_x.sum(axis=1) - sums_y[:, k] / sums_y.sum(axis=1)
+            row[label] = {"difference": float(x[:, k].sum() / x.sum() - y[:, k].sum() / y.sum()),
+                          "interval": _interval(stats.percentile_interval(replicate_diffs))}
+        out.append(row)
+    return out
+
+
+def live_label_stats(conn, replicates: int, seed: int) -> list[dict]:
+    """The Fail / Pass / Excellent shares of each checkpoint's labelled replies (LIMA section 6),
+    with bootstrap intervals over conversations (a conversation's turns are resampled together),
+    and the counts per turn index."""
+    from lima_core.eval.chat import LABELS
+
+    out = []
+    for checkpoint, (matrix, mine) in _live_labels(conn).items():
+        by_turn = defaultdict(lambda: dict.fromkeys(LABELS, 0))
+        for r in mine:
+            by_turn[r["turn"]][r["label"]] += 1
+        shares = stats.fractions_with_intervals(matrix, replicates, seed)
+        out.append({"checkpoint": checkpoint, "conversations": len(matrix), "labelled": len(mine),
+                    "counts": {label: sum(r["label"] == label for r in mine) for label in LABELS},
+                    **{label: {"share": share, "interval": _interval(ci)}
+                       for label, (share, ci) in zip(LABELS, shares)},
+                    "by_turn": [{"turn": turn, **counts} for turn, counts in sorted(by_turn.items())]})
+    return out
+
+
+def live_label_lines(live: list[dict], differences: list[dict] = ()) -> list[str]:
+    lines = []
+    for r in live:
+        shares = ", ".join(f"{label} {r['counts'][label]} ({_pct(r[label]['share'], r[label]['interval'])})"
+                           for label in ("fail", "pass", "excellent"))
+        lines.append(f"live {r['checkpoint']}: {r['labelled']} replies in {r['conversations']} conversations: {shares}")
+        for t in r["by_turn"]:
+            lines.append(f"  turn {t['turn'] + 1}: fail {t['fail']}, pass {t['pass']}, excellent {t['excellent']}")
+    for d in differences:
+        diffs = ", ".join(f"{label} {100 * d[label]['difference']:+.1f}"
+                          + (f" [{100 * d[label]['interval'][0]:+.1f}, {100 * d[label]['interval'][1]:+.1f}]"
+                             if d[label]["interval"] else "") for label in ("fail", "pass", "excellent"))
+        lines.append(f"live {d['checkpoints'][0]} minus {d['checkpoints'][1]} (share points): {diffs}")
+    return lines
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -327,14 +443,26 @@ def bias_rows(results: list[dict]) -> list[list[str]]:
     return rows
 
 
-def report_html(results, likert, agreement, comparisons, png: bytes, db: str) -> str:
+def alpha_line(alpha: dict | None) -> str:
+    if alpha is None:
+        return "Krippendorff's alpha across people: - (fewer than two people)"
+    value = "-" if alpha["alpha"] is None else f"{alpha['alpha']:.3f}"
+    return (f"Krippendorff's alpha (interval, loss < tie < win) across {len(alpha['raters'])} people "
+            f"({', '.join(alpha['raters'])}): {value} on {alpha['items']} items judged by two or more")
+
+
+def report_html(results, likert, agreement, comparisons, png: bytes, db: str, alpha: dict | None = None,
+                live: list[dict] = (), live_differences: list[dict] = ()) -> str:
     image = base64.b64encode(png).decode()
+    live_html = (f"<pre>{html.escape(chr(10).join(live_label_lines(live, live_differences)))}</pre>" if live
+                 else "<p>No labelled conversations.</p>")
     likert_rows = [["system", "rater", "graded", "unparsed", "mean grade (1-6) [95% CI]"]] + [
         [r["system"], r["rater"], str(r["graded"]), str(r["unparsed"]),
          "-" if r["mean"] is None else f"{r['mean']:.2f}" + (f" [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]"
                                                            if r["interval"] else "")] for r in likert]
-    agreement_rows = [["raters", "shared items", "tie-discounted accuracy [95% CI]", "weighted kappa"]] + [
-        [" / ".join(r["raters"]), str(r["items"]), _pct(r["tie_discounted_accuracy"], r["interval"]),
+    agreement_rows = [["raters", "kinds", "shared items", "tie-discounted accuracy [95% CI]", "weighted kappa"]] + [
+        [" / ".join(r["raters"]), " / ".join(r["kinds"]), str(r["items"]),
+         _pct(r["tie_discounted_accuracy"], r["interval"]),
          "-" if r["weighted_kappa"] is None else f"{r['weighted_kappa']:.3f}"] for r in agreement]
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>lima-core evaluation</title><style>{CSS}</style></head><body>
@@ -354,6 +482,10 @@ Position bias: how often the response shown first wins. Length bias: how often t
 <p>On items both raters judged: 1 when they agree, 0.5 when exactly one says tie, 0 otherwise (LIMA's
 tie-discounted accuracy), and Cohen's kappa with linear weights over loss &lt; tie &lt; win.</p>
 {_html_table(agreement_rows) if agreement else "<p>No two raters share an item.</p>"}
+<p>{html.escape(alpha_line(alpha))}. The majority of people: the outcome more than half of the people who judged an
+item gave (items without one left out).</p>
+<h2>Live conversations (Fail / Pass / Excellent)</h2>
+{live_html}
 <h2>Every prompt</h2>
 <p>Each verdict names the better system (A, B, tie or unparsed) whichever order the responses were shown in;
 the reply itself names the positions the rater saw.</p>
@@ -370,14 +502,18 @@ def write_report(db: str | Path, out: str | Path, replicates: int = 2000, seed: 
                for (a, b, rater), items in sorted(comparisons.items())]
     likert = likert_stats(conn, replicates, seed)
     agreement = agreement_stats(comparisons, replicates, seed)
+    alpha = people_alpha(comparisons)
+    live = live_label_stats(conn, replicates, seed)
+    live_differences = live_label_differences(conn, replicates, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fig = win_tie_loss_figure(results)
     save_figure(fig, out / "win_tie_loss.png")
     png = (out / "win_tie_loss.png").read_bytes()
-    page = report_html(results, likert, agreement, comparisons, png, str(db))
+    page = report_html(results, likert, agreement, comparisons, png, str(db), alpha, live, live_differences)
     write_bytes(out / "report.html", page.encode())
     numbers = {"comparisons": results, "likert": likert, "agreement": agreement,
+               "people_alpha": alpha, "live": live, "live_differences": live_differences,
                "bootstrap": {"replicates": replicates, "seed": seed, "level": 0.95}}
     write_json(out / "report.json", numbers)
     return numbers

@@ -167,3 +167,43 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     if len(x) < 2 or denominator == 0:
         return None
     return float((rx * ry).sum() / denominator)
+
+
+def krippendorff_alpha_interval(units: list[list[str]]) -> float | None:
+    """Krippendorff's alpha with the interval metric over loss < tie < win (values 0, 1, 2), for
+    any number of raters and missing ratings: `units` holds each item's verdicts (one per rater
+    who judged it).
+
+    Only units with two or more verdicts are pairable. The coincidence matrix counts, within each
+    unit of m verdicts, every ordered pair of verdicts by different raters with weight 1/(m-1);
+    alpha = 1 - D_o / D_e, the observed disagreement (mean squared difference over pairs within
+    units) against the expected one (over all pairs of the pooled verdicts). None when the pooled
+    verdicts are all the same (no disagreement to expect: alpha is undefined)."""
+    index = {o: i for i, o in enumerate(OUTCOMES)}
+    k = len(OUTCOMES)
+    coincidences = np.zeros((k, k))
+    for unit in units:
+        m = len(unit)
+        if m < 2:
+            continue
+        counts = np.bincount([index[v] for v in unit], minlength=k).astype(np.float64)
+        coincidences += (np.outer(counts, counts) - np.diag(counts)) / (m - 1)
+    totals = coincidences.sum(axis=1)
+    n = totals.sum()
+    i, j = np.indices((k, k))
+    distance = (i - j) ** 2.0
+    if n < 2:
+        return None
+    observed = (coincidences * distance).sum() / n
+    expected = (np.outer(totals, totals) * distance).sum() / (n * (n - 1))
+    if expected == 0:
+        return None
+    return float(1 - observed / expected)
+
+
+def majority(verdicts: list[str]) -> str | None:
+    """The verdict more than half of `verdicts` give, or None when none does."""
+    for v in set(verdicts):
+        if 2 * verdicts.count(v) > len(verdicts):
+            return v
+    return None

@@ -26,6 +26,22 @@ Tables:
                response (hash), rater, rater_kind, template_hash, raw_reply, grade (1-6, NULL
                when unparsed), attempts, latency_s, created_at.
 
+    annotators   one row per person signed in to the annotation page (eval annotate): name (the
+                 rater of their judgments), token (their private link), csrf (the token every
+                 answer must carry), created_at.
+
+    assignments  the items an annotator was given, in the order they are shown: annotator,
+                 position (0, 1, ...), prompt_id, sample, system_a, system_b, response_a,
+                 response_b, order_shown ("AB": system_a's response on the left; drawn at random
+                 per annotator and item). The answer is the annotator's judgments row of the item.
+
+    conversations  one row per live conversation (eval chat): id, annotator, checkpoint (the
+                 served model's name), created_at.
+
+    turns        one row per exchange of a conversation: conversation, turn (0, 1, ...), user
+                 (the person's message), reply (the model's), label ("fail", "pass",
+                 "excellent"; NULL until the person labels it, LIMA section 6), created_at.
+
 A judgment's cache key is its UNIQUE constraint: (prompt_id, sample, both systems, both
 responses' hashes, order, rater, template_hash). A row present is never asked again. When a
 system's responses are regenerated their hashes change and new rows are added beside the old
@@ -84,6 +100,40 @@ CREATE TABLE IF NOT EXISTS likert (
     latency_s REAL,
     created_at TEXT NOT NULL,
     UNIQUE (prompt_id, sample, system, response, rater, template_hash)
+);
+CREATE TABLE IF NOT EXISTS annotators (
+    name TEXT PRIMARY KEY,
+    token TEXT NOT NULL UNIQUE,
+    csrf TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    annotator TEXT NOT NULL REFERENCES annotators(name),
+    position INTEGER NOT NULL,
+    prompt_id TEXT NOT NULL,
+    sample INTEGER NOT NULL,
+    system_a TEXT NOT NULL,
+    system_b TEXT NOT NULL,
+    response_a TEXT NOT NULL REFERENCES responses(hash),
+    response_b TEXT NOT NULL REFERENCES responses(hash),
+    order_shown TEXT NOT NULL CHECK (order_shown IN ('AB', 'BA')),
+    PRIMARY KEY (annotator, position),
+    UNIQUE (annotator, prompt_id, sample, system_a, system_b)
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    annotator TEXT NOT NULL REFERENCES annotators(name),
+    checkpoint TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS turns (
+    conversation INTEGER NOT NULL REFERENCES conversations(id),
+    turn INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    reply TEXT NOT NULL,
+    label TEXT CHECK (label IN ('fail', 'pass', 'excellent')),
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (conversation, turn)
 );
 """
 
