@@ -4,9 +4,12 @@ error measure the parity targets are stated in."""
 
 import io
 import os
+import socket
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
+import threading
+import time
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +130,32 @@ def run_entry(main, argv: list[str], watch: Path) -> Outcome:
     after = _files(watch)
     written = sorted(name for name, stamp in after.items() if before.get(name) != stamp)
     return Outcome(status, out.getvalue(), err.getvalue(), written)
+
+
+# ---- servers: an ASGI app on a free localhost port, in a thread --------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(app):
+    """`app` served by uvicorn in a thread on a free localhost port; yields its URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -5,20 +5,16 @@ agreement statistics across people against cases worked by hand."""
 import csv
 import json
 import re
-import socket
 import sqlite3
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from itertools import permutations
 from pathlib import Path
 
 import pytest
 
-from helpers import run_entry
+from helpers import free_port, run_entry, serving  # noqa: F401
 from lima_core.eval import stats
 from lima_core.eval.__main__ import main
 from lima_core.eval.annotate import Annotation, create_app, load_pairs
@@ -34,36 +30,10 @@ VERDICT = {("left", "AB"): "A", ("right", "AB"): "B", ("left", "BA"): "B", ("rig
            ("neither", "AB"): "tie", ("neither", "BA"): "tie"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def pair_files(tmp_path):
     return (write_jsonl(tmp_path / "a.jsonl", responses("tiny", SCENARIO_A)),
             write_jsonl(tmp_path / "b.jsonl", responses("reference", TEXTS_B)))
-
-
-@contextmanager
-def serving(app):
-    """`app` served by uvicorn in a thread on a free localhost port; yields its URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ statistics against closed forms and cases worked by hand."""
 import json
 import math
 import re
-import socket
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import ASSETS, run_entry
+from helpers import ASSETS, free_port, run_entry, serving
 from lima_core.eval import stats
 from lima_core.eval.__main__ import main
 from lima_core.eval.generate import prompt_id, read_prompts
@@ -342,12 +341,6 @@ def test_choose_ranks_the_window_and_writes_the_summary(tmp_path, judge):
 # ---- bad input: one line, exit 2 ----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     good = write_jsonl(tmp / "good.jsonl", responses("tiny", ["x"] * 8))
     other = write_jsonl(tmp / "other.jsonl", responses("base", ["y"] * 8))
@@ -400,25 +393,12 @@ def test_generate_and_judge_through_lima_core_serve(tmp_path, checkpoint):
     answers generated through the endpoint and judged by the same model: a 2M-parameter model
     writes no verdict line, so every judgment is recorded as unparsed, and reported so."""
     serve = pytest.importorskip("lima_core.serve")
-    import threading
-    import time
-
-    import uvicorn
-
     from lima_core.hf import load_pretrained
     from lima_core.tokenizer import Tokenizer
 
     app = serve.create_app(load_pretrained(checkpoint), Tokenizer(checkpoint), model_name="tiny-served")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/v1"
+    with serving(app) as base:
+        url = f"{base}/v1"
         out = tmp_path / "served.jsonl"
         ok(run_entry(main, ["generate", "--prompts", str(ASSETS / "dev.jsonl"), "--out", str(out), "--endpoint", url,
                             "--model", "tiny-served", "--max-tokens", "6", *FAST_RETRIES], tmp_path))
@@ -434,9 +414,6 @@ def test_generate_and_judge_through_lima_core_serve(tmp_path, checkpoint):
         wrong = run_entry(main, ["likert", str(out), "--db", str(db), "--judge-url", url, "--judge-model", "gpt-9",
                                  "--retries", "3"], tmp_path)
         assert wrong.status == 2 and "the request was refused (HTTP 404" in wrong.err  # not retried
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_retries_back_off_exponentially(judge):
