@@ -106,6 +106,7 @@ class Unit:
         self.shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         # The shard in the compute dtype: what the all-gather sends; None when that is fp32.
         self.copy = None if param_dtype == torch.float32 else torch.zeros_like(self.shard, dtype=param_dtype)
+        self._versions = self._current_versions()  # when the copy last matched the shard
         self.grad = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         self.pieces = self._pieces()
         if world == 1 and param_dtype == torch.float32:
@@ -144,6 +145,20 @@ class Unit:
             if self.copy is not None:
                 self.copy[a - lo:b - lo].copy_(self.shard[a - lo:b - lo])
 
+    def _current_versions(self) -> tuple[int, int]:
+        return (self.shard._version, self.copy._version) if self.copy is not None else (0, 0)
+
+    @torch.no_grad()
+    def _synced_copy(self) -> torch.Tensor:
+        """The copy, rounded again from the shard if the shard changed and the copy did not (an
+        optimizer that does not write the copies): a tensor's version counts its in-place writes,
+        and the native AdamW counts both of its writes."""
+        shard_version, copy_version = self._versions
+        if self.shard._version != shard_version and self.copy._version == copy_version:
+            self.copy.copy_(self.shard)
+        self._versions = self._current_versions()
+        return self.copy
+
     @torch.no_grad()
     def refresh_copy(self):
         """Round the whole master shard into the compute-dtype copy (after writing the shard
@@ -160,7 +175,7 @@ class Unit:
             return
         storage = self.full.untyped_storage()
         storage.resize_(self.full.numel() * self.full.element_size())
-        send = self.shard if self.copy is None else self.copy
+        send = self.shard if self.copy is None else self._synced_copy()
         if self.world == 1:
             with torch.no_grad():
                 self.full.data.copy_(send)

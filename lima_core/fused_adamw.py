@@ -112,6 +112,9 @@ class FusedAdamW(torch.optim.Optimizer):
                 None if copy is None else copy.view(-1),
                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], step=int(state["step"]), seed=seed)
+            # The native op writes through raw pointers: count its in-place writes, as torch's own
+            # in-place ops do (autograd's checks and FSDP's stale-copy check read these counts).
+            torch.autograd.graph.increment_version([p] if copy is None else [p, copy])
         return loss
 
     def load_state_dict(self, state_dict):

@@ -81,17 +81,20 @@ def test_bf16_compute_close_to_fp32_and_units_cover_every_parameter():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_bf16_gathers_send_the_copy_the_optimizer_writes(fused):
+@pytest.mark.parametrize("told", [True, False])
+def test_bf16_gathers_send_the_copy_the_optimizer_writes(fused, told):
     """With bf16 gathers each unit keeps a bf16 copy of its master shard: the native AdamW
     writes it in the pass of its update (the torch fallback after its step), and it is always
-    the master rounded to nearest even, which is what a gather sends."""
+    the master rounded to nearest even, which is what a gather sends. An optimizer not told of
+    the copies (told=False) leaves them stale; the gather then rounds them again itself."""
     from lima_core.optim import adamw
     from lima_core.parallelize import parallelize
 
     model = tiny_model()
     sharded = parallelize(model, checkpointing="none", param_dtype=torch.bfloat16)
     assert all(torch.equal(u.copy, u.shard.to(torch.bfloat16)) for u in sharded.units)  # filled with the shard
-    optimizer = adamw(sharded.param_groups(0.1), 1e-2, (0.9, 0.95), fused=fused, copies=sharded.param_copies())
+    copies = sharded.param_copies() if told else None
+    optimizer = adamw(sharded.param_groups(0.1), 1e-2, (0.9, 0.95), fused=fused, copies=copies)
     if fused:
         assert type(optimizer).__name__ == "FusedAdamW"
     tokens, labels = torch.randint(3, 101, (1, 20)), torch.randint(3, 101, (1, 20))
@@ -101,12 +104,14 @@ def test_bf16_gathers_send_the_copy_the_optimizer_writes(fused):
         before = [u.copy.clone() for u in sharded.units]
         optimizer.step()
         sharded.zero_grad()
-        for unit, old in zip(sharded.units, before):
-            assert not torch.equal(unit.copy, old), unit.name  # the copy moved with the step
-            assert torch.equal(unit.copy, unit.shard.to(torch.bfloat16)), unit.name
         gathered = sharded.units[1]
+        if told:
+            for unit, old in zip(sharded.units, before):
+                assert not torch.equal(unit.copy, old), unit.name  # the copy moved with the step
+                assert torch.equal(unit.copy, unit.shard.to(torch.bfloat16)), unit.name
         gathered.gather()
-        assert torch.equal(gathered.full.detach(), gathered.copy)  # one rank: the gather is the copy
+        # What the gather sends is the master rounded, whoever wrote the copy (one rank: the gather is it).
+        assert torch.equal(gathered.full.detach(), gathered.shard.to(torch.bfloat16))
         gathered.free()
 
 
