@@ -259,11 +259,6 @@ class FSDP:
         return {p.param: u.copy[p.offset:p.offset + p.param.numel()]
                 for u in self.units if u.copy is not None for p in u.pieces}
 
-    def refresh_copies(self):
-        """Round every master shard into its compute-dtype copy (after an optimizer that does not)."""
-        for u in self.units:
-            u.refresh_copy()
-
     def zero_grad(self):
         for u in self.units:
             u.grad.zero_()
