@@ -6,10 +6,9 @@ TRITON_INTERPRET (tests/conftest.py does, for the CPU test suite)."""
 
 import platform
 
+import bench_ceilings
 import pytest
 import torch
-
-import bench_ceilings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _CEILINGS = {}

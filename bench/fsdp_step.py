@@ -21,10 +21,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from lima_core.config import ModelConfig
-from lima_core.model import Llama
-from lima_core.optim import adamw, param_groups
-from lima_core.parallelize import parallelize
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
+from lima_core.parallel.parallelize import parallelize
+from lima_core.train.optim import adamw, param_groups
 
 CUDA = torch.cuda.is_available()
 SHAPE = (dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=5504, vocab_size=32000)

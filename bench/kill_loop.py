@@ -28,10 +28,9 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lima_core.hf import load_pretrained  # noqa: E402
-from lima_core.io import TEMP_PREFIX  # noqa: E402
-from lima_core.state import complete_states, unreadable  # noqa: E402
-
+from lima_core.checkpoint.atomic import TEMP_PREFIX
+from lima_core.checkpoint.hf import load_pretrained
+from lima_core.checkpoint.state import complete_states, unreadable
 
 EPOCHS = 80  # long enough (~3 minutes on 2 cores) for every kill to land before the end
 

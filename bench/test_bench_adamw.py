@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from lima_core import fused_adamw
+from lima_core.native import adamw as fused_adamw
 
 SIZES = {"16M": 16 << 20, "64M": 64 << 20}
 # torch first: lima's ratios need them.

@@ -29,13 +29,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from lima_kernels.philox import philox_uniform
 
-from lima_core import native, ops, philox
-from lima_core.config import ModelConfig
-from lima_core.data import encode_conversation, epoch_batches, pack, read_conversations
-from lima_core.model import Llama
-from lima_core.tokenizer import Tokenizer
+from lima_core import native
+from lima_core.data.encode import encode_conversation
+from lima_core.data.formats import read_conversations
+from lima_core.data.packing import epoch_batches, pack
+from lima_core.data.tokenizer import Tokenizer
+from lima_core.model import dispatch as ops
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
+from lima_core.native import philox_uniform as philox
+from lima_kernels.philox import philox_uniform
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "lima_core" / "assets"

@@ -22,7 +22,8 @@ import random
 
 import pytest
 
-from lima_core.data import IGNORE, Example, epoch_batches, pack
+from lima_core.data.encode import IGNORE, Example
+from lima_core.data.packing import epoch_batches, pack
 
 MAX_LEN = 2048
 CONVERSATIONS = 1000

@@ -15,9 +15,9 @@ timings only smoke-test the harness.
 import pytest
 import torch
 
-from lima_core.config import ModelConfig
-from lima_core.hf import config_to_hf, hf_key
-from lima_core.model import Llama
+from lima_core.checkpoint.hf import config_to_hf, hf_key
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

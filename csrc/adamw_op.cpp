@@ -9,7 +9,7 @@
 // stochastic rounding, fp32 math inside). The copy is rounded to nearest even, or
 // stochastically when `seed` is given. Random bits come from (seed, step, element index),
 // seed 0 when None, so a step is reproducible whatever the threading or the device.
-// The fake (meta) implementation is registered in Python: lima_core/fused_adamw.py.
+// The fake (meta) implementation is registered in Python: lima_core/native/adamw.py.
 #include "adamw_op.h"
 
 #include <cmath>
@@ -157,7 +157,7 @@ std::string cpu_isa() { return cpu_loop().second; }
 }  // namespace lima
 
 TORCH_LIBRARY(lima, m) {
-  m.set_python_module("lima_core.fused_adamw");
+  m.set_python_module("lima_core.native.adamw");
   m.def(
       "fused_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? param_copy, *, float lr, float beta1, float beta2, float eps, "

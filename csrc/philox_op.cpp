@@ -6,7 +6,7 @@
 // path's dropout drops exactly the elements the Triton kernels drop. Threaded over elements
 // (at::parallel_for); each element depends only on (seed, offset + i), so the bits do not
 // depend on the number of threads. The fake (meta) implementation is registered in Python:
-// lima_core/philox.py.
+// lima_core/native/philox_uniform.py.
 //
 // The op has no tensor argument, so the dispatcher has no device to dispatch on: the kernel is
 // registered for CompositeExplicitAutograd (the slot such ops use) and always returns a CPU
@@ -60,7 +60,7 @@ std::string cpu_isa() { return cpu_loop().second; }
 
 // A fragment: the library itself (TORCH_LIBRARY(lima, ...)) is opened in adamw_op.cpp.
 TORCH_LIBRARY_FRAGMENT(lima, m) {
-  m.set_python_module("lima_core.philox");
+  m.set_python_module("lima_core.native.philox_uniform");
   m.def("philox_uniform(int seed, int offset, int n) -> Tensor");
   // Which CPU loop philox_uniform runs here ("avx2" or "default"), for benchmark reports.
   m.def("philox_uniform_cpu_isa() -> str", &lima::cpu_isa);

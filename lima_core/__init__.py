@@ -6,10 +6,11 @@
     lima_core.save_pretrained(model, "out/", tokenizer=lima_core.Tokenizer("/ckpt/llama-2-7b-hf"))
 """
 
-from lima_core.config import ModelConfig, TrainConfig
-from lima_core.sampling import generate
-from lima_core.hf import load_pretrained, save_pretrained
-from lima_core.model import Llama
-from lima_core.tokenizer import Tokenizer
+from lima_core.checkpoint.hf import load_pretrained, save_pretrained
+from lima_core.config import TrainConfig
+from lima_core.data.tokenizer import Tokenizer
+from lima_core.inference.decode import generate
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
 
 __all__ = ["Llama", "ModelConfig", "TrainConfig", "Tokenizer", "generate", "load_pretrained", "save_pretrained"]

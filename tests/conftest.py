@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
 from helpers import HF_CONFIGS, make_hf_model  # noqa: E402
 
 

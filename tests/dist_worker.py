@@ -12,17 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+import helpers
 import torch
 import torch.distributed as dist
+from helpers import TINY, tiny_model
 from safetensors.torch import save_file
 
-import helpers
-from helpers import TINY, tiny_model
-
-from lima_core.data import Example
-from lima_core.model import Llama
-from lima_core.optim import build_optimizer, lr_at, set_lr
-from lima_core.train import step_loss
+from lima_core.data.encode import Example
+from lima_core.model.llama import Llama
+from lima_core.train.loop import step_loss
+from lima_core.train.optim import build_optimizer, lr_at, set_lr
 
 STEPS, LR, LR_END, BETAS, WD, CLIP, MAX_LEN = 10, 1e-3, 1e-4, (0.9, 0.95), 0.1, 1.0, 48
 
@@ -46,7 +45,7 @@ def train_reference(model: Llama, steps: int = STEPS) -> list[float]:
 
 
 def train_ours(model: Llama, group, checkpointing: str):
-    from lima_core.parallelize import parallelize
+    from lima_core.parallel.parallelize import parallelize
 
     sharded = parallelize(model, group=group, checkpointing=checkpointing)
     opt = torch.optim.AdamW(sharded.param_groups(WD), lr=LR, betas=BETAS, foreach=False)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lima_core.config import ModelConfig
-from lima_core.data import IGNORE, Example
-from lima_core.model import Llama
+from lima_core.data.encode import IGNORE, Example
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
 
 ROOT = Path(__file__).parents[1]
 ASSETS = ROOT / "lima_core" / "assets"

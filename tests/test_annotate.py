@@ -13,12 +13,12 @@ from itertools import permutations
 from pathlib import Path
 
 import pytest
-
 from helpers import free_port, run_entry, serving  # noqa: F401
+from test_eval import SCENARIO_A, SCENARIO_B, checkpoint, responses, write_jsonl  # noqa: F401 (a fixture)
+
 from lima_core.eval import stats
 from lima_core.eval.__main__ import main
 from lima_core.eval.annotate import Annotation, create_app, load_pairs
-from test_eval import SCENARIO_A, SCENARIO_B, checkpoint, responses, write_jsonl  # noqa: F401 (a fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Prompt 3's baseline response carries a script that, were it to run, would set window.pwned.
@@ -302,10 +302,10 @@ def test_a_labelled_conversation_with_the_served_tiny_model(tmp_path, checkpoint
     (by click and by key), and the report shows the labels per checkpoint and turn."""
     from playwright.sync_api import expect, sync_playwright
 
-    from lima_core import serve
-    from lima_core.eval.chat import Chat, create_chat_app, endpoint_reply
-    from lima_core.hf import load_pretrained
-    from lima_core.tokenizer import Tokenizer
+    from lima_core.checkpoint.hf import load_pretrained
+    from lima_core.data.tokenizer import Tokenizer
+    from lima_core.eval.live_chat import Chat, create_chat_app, endpoint_reply
+    from lima_core.inference.serve import api as serve
 
     db = tmp_path / "live.sqlite"
     model_app = serve.create_app(load_pretrained(checkpoint), Tokenizer(checkpoint), model_name="tiny-served")
@@ -400,7 +400,7 @@ def test_bad_annotation_input_is_one_line_and_exit_2(tmp_path, pair_files):
 def test_chat_requests_without_a_session_change_nothing(tmp_path):
     """The live page's rules, with a stand-in model that echoes: the token, one label per reply,
     no next message before the label."""
-    from lima_core.eval.chat import Chat, create_chat_app
+    from lima_core.eval.live_chat import Chat, create_chat_app
 
     db = tmp_path / "c.sqlite"
     with serving(create_chat_app(Chat(db, "echo", lambda messages: f"echo: {messages[-1]['content']}"))) as url:

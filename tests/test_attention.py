@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lima_core.attention import attention, packed_causal_mask, sdpa_attention, varlen_attention
+from lima_core.model.attention import attention, packed_causal_mask, sdpa_attention, varlen_attention
 
 
 def naive_causal(q, k, v):

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ASSETS, run_entry
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import ASSETS, run_entry
-from lima_core.hf import INDEX, CheckpointError, check_checkpoint, load_pretrained, read_config
-from lima_core.model import Llama
-from lima_core.tokenizer import Tokenizer
+from lima_core.checkpoint.hf import INDEX, CheckpointError, check_checkpoint, load_pretrained, read_config
+from lima_core.data.tokenizer import Tokenizer
+from lima_core.model.llama import Llama
 
 BASE_VOCAB = Tokenizer(ASSETS / "tokenizer.model").base_vocab_size
 
@@ -186,7 +186,7 @@ def test_the_trainer_refuses_before_writing(ckpt, tmp_path, case, corrupt, says)
 
 
 def train(ckpt: Path, tmp_path: Path):
-    from lima_core.train import main
+    from lima_core.train.loop import main
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(line + "\n" for line in (ASSETS / "train.jsonl").read_text().splitlines()[:4]))

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import ASSETS, run_entry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import run_entry
-from lima_core import data, train
-from lima_core.data import Conversation, DataError, parse_conversations, read_conversations
+from lima_core.data import describe
+from lima_core.data.formats import Conversation, DataError, parse_conversations, read_conversations
+from lima_core.train import loop as train
 
 GOOD = b'{"conversations": ["Hello?", "Hi!"]}'
 
@@ -241,7 +242,7 @@ STATS_CASES = [c for c in BAD if c.stats]
 def test_stats_stops_on_bad_input(case, tmp_path):
     files = write_case(case, tmp_path / "case")
     argv = ["stats", str(files.dev or files.data)] + (["--tokenizer", str(files.tokenizer)] if files.tokenizer else [])
-    result = run_entry(data.main, argv, watch=tmp_path)
+    result = run_entry(describe.main, argv, watch=tmp_path)
     assert result.status == 2, result
     assert_one_error_line(result.err, f"{files.named}{case.fragment}")
     assert result.out == "" and result.written == []
@@ -467,7 +468,7 @@ def test_stats_prints_what_the_trainer_will_see(tmp_path):
         line({"conversations": ["a b c d e f g h i j k", "x"]}),  # 1 + 12 + 2 = 15: x is token 14, past 11
         sharegpt(("human", "a"), ("gpt", "b")),  # 1 + 2 + 2 = 5
     ))
-    result = run_entry(data.main, ["stats", str(path), "--tokenizer", str(tmp_path / "tok"), "--max-len", "11",
+    result = run_entry(describe.main, ["stats", str(path), "--tokenizer", str(tmp_path / "tok"), "--max-len", "11",
                                    "--batch-size", "8"], watch=tmp_path)
     assert result.status == 0 and result.err == "", result
     # Lengths 5, 6, 10, 12, 15: mean 48 / 5; nearest rank p50 the 3rd, p90 and p99 the 5th.
@@ -485,11 +486,11 @@ def test_stats_prints_what_the_trainer_will_see(tmp_path):
 
 
 def test_stats_on_the_bundled_sample_agrees_with_the_encoder(tmp_path):
-    from lima_core.data import encode_conversation
-    from lima_core.tokenizer import BUNDLED_TOKENIZER, Tokenizer
+    from lima_core.data.encode import encode_conversation
+    from lima_core.data.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 
-    sample = Path(data.__file__).parent / "assets" / "train.jsonl"
-    result = run_entry(data.main, ["stats", str(sample), "--max-len", "200", "--batch-size", "16"], watch=tmp_path)
+    sample = ASSETS / "train.jsonl"
+    result = run_entry(describe.main, ["stats", str(sample), "--max-len", "200", "--batch-size", "16"], watch=tmp_path)
     assert result.status == 0, result
     tok = Tokenizer(BUNDLED_TOKENIZER)
     lengths = [len(encode_conversation(tok, c, 10**9).ids) for c in read_conversations(sample)]
@@ -503,5 +504,5 @@ def test_stats_on_the_bundled_sample_agrees_with_the_encoder(tmp_path):
 
 def test_stats_rejects_bad_flags(tmp_path):
     for flags in (["--max-len", "1"], ["--batch-size", "0"]):
-        result = run_entry(data.main, ["stats", str(tmp_path / "d.jsonl"), *flags], watch=tmp_path)
+        result = run_entry(describe.main, ["stats", str(tmp_path / "d.jsonl"), *flags], watch=tmp_path)
         assert result.status == 2 and "--max-len must be at least 2" in result.err

@@ -14,15 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
+from helpers import ASSETS, run_entry
 from safetensors.torch import load_file
 
-from helpers import ASSETS, run_entry
-from lima_core import chat, plan, train
-from lima_core.hf import save_pretrained
-from lima_core.model import Llama
-from lima_core.config import ModelConfig
-from lima_core.state import complete_states
-from lima_core.tokenizer import Tokenizer
+from lima_core.checkpoint.hf import save_pretrained
+from lima_core.checkpoint.state import complete_states
+from lima_core.data.tokenizer import Tokenizer
+from lima_core.inference import chat
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
+from lima_core.parallel import plan
+from lima_core.train import loop as train
 
 
 def small_data(folder: Path, n: int = 4) -> Path:
@@ -198,7 +200,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_run_resumes(tmp_path, monkeypa
 
 
 def test_a_full_disk_names_the_path_and_leaves_no_state_to_mistake(tmp_path, monkeypatch):
-    import lima_core.state as state_module
+    import lima_core.checkpoint.state as state_module
 
     def disk_full(tensors, filename, metadata=None):
         raise OSError(28, "No space left on device", str(filename))
@@ -253,8 +255,8 @@ def test_a_bad_generation_request_is_named(tmp_path, export, argv, message):
 
 
 def test_the_python_generate_rejects_what_the_cli_rejects(export):
-    from lima_core.hf import load_pretrained
-    from lima_core.sampling import generate
+    from lima_core.checkpoint.hf import load_pretrained
+    from lima_core.inference.decode import generate
 
     model = load_pretrained(export)
     for settings, message in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),

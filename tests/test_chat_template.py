@@ -20,14 +20,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import ASSETS
 from transformers import AutoTokenizer
 
-from helpers import ASSETS
-from lima_core.config import ModelConfig
-from lima_core.data import Conversation, encode_conversation, prompt_ids, read_conversations
-from lima_core.hf import save_pretrained
-from lima_core.model import Llama
-from lima_core.tokenizer import EOT, Tokenizer
+from lima_core.checkpoint.hf import save_pretrained
+from lima_core.data.encode import encode_conversation, prompt_ids
+from lima_core.data.formats import Conversation, read_conversations
+from lima_core.data.tokenizer import EOT, Tokenizer
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
 
 NO_TRUNCATION = 10**9
 

@@ -3,9 +3,9 @@ those without checkpointing, with residual dropout on (masks keyed by the dropou
 
 import pytest
 import torch
-
 from helpers import tiny_model
-from lima_core.checkpointing import apply_checkpointing
+
+from lima_core.parallel.checkpointing import apply_checkpointing
 
 
 def grads(policy: str, seed: int = 99) -> dict[str, torch.Tensor]:

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from lima_core.config import PRESETS, Config, ConfigError, ModelConfig, load_config
+from lima_core.cli import load_config
+from lima_core.config import Config, ConfigError
+from lima_core.model.config import PRESETS, ModelConfig
 
 
 def test_defaults_are_the_lima_recipe():
@@ -122,7 +124,7 @@ def test_presets_have_their_published_sizes():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lima_core.config import _SECTIONS  # noqa: E402
+from lima_core.cli import _SECTIONS
 
 KEYS = [(section, key) for section, model in _SECTIONS.items() for key in model.model_fields]
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),

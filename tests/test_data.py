@@ -9,15 +9,16 @@ import sys
 
 import pytest
 import torch
-
 from helpers import ASSETS
-from lima_core import data
-from lima_core.config import ModelConfig
-from lima_core.data import (IGNORE, Conversation, DataError, Example, check_targets, encode_conversation, pack,
-                             prompt_ids, read_conversations)
-from lima_core.model import Llama
-from lima_core.tokenizer import Tokenizer
-from lima_core.train import step_loss
+
+from lima_core.data import packing
+from lima_core.data.encode import IGNORE, Example, check_targets, encode_conversation, prompt_ids
+from lima_core.data.formats import Conversation, DataError, read_conversations
+from lima_core.data.packing import pack
+from lima_core.data.tokenizer import Tokenizer
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
+from lima_core.train.loop import step_loss
 
 
 @pytest.fixture(scope="module")
@@ -264,11 +265,11 @@ def test_the_global_batch_loss_and_gradient_do_not_depend_on_the_packing(tok, mo
 
     def in_order(examples, max_len):
         rows = greedy_in_order([len(e.ids) for e in examples], max_len)
-        return [data._row([examples[i] for i in row]) for row in rows]
+        return [packing._row([examples[i] for i in row]) for row in rows]
 
     best_fit, bfd_rows = grads(), len(pack(batch, max_len))
-    monkeypatch.setattr(data, "pack", in_order)
-    before, greedy_rows = grads(), len(data.pack(batch, max_len))
+    monkeypatch.setattr(packing, "pack", in_order)
+    before, greedy_rows = grads(), len(packing.pack(batch, max_len))
     assert bfd_rows < greedy_rows  # the packings differ, so the test says something
     assert best_fit[2] == before[2]
     assert best_fit[0] == pytest.approx(before[0], rel=1e-6)  # fp32 sums in another order

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import ASSETS, free_port, run_entry, serving
+from scripted_judge import ScriptedJudge
+
 from lima_core.eval import stats
 from lima_core.eval.__main__ import main
 from lima_core.eval.generate import prompt_id, read_prompts
 from lima_core.eval.judge import PAIRWISE_HASH, parse_grade, parse_verdict, unswapped
 from lima_core.eval.store import add_judgment, connect
-from scripted_judge import ScriptedJudge
 
 FAST_RETRIES = ["--retries", "2", "--retry-delay", "0.001"]
 
@@ -87,10 +87,10 @@ def test_prompts_in_every_format_get_the_same_id(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from lima_core.config import ModelConfig
-    from lima_core.hf import save_pretrained
-    from lima_core.model import Llama
-    from lima_core.tokenizer import Tokenizer
+    from lima_core.checkpoint.hf import save_pretrained
+    from lima_core.data.tokenizer import Tokenizer
+    from lima_core.model.config import ModelConfig
+    from lima_core.model.llama import Llama
 
     tok = Tokenizer(ASSETS / "tokenizer.model")
     model = Llama(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, dim=32, n_heads=4, ffn_dim=32, n_layers=1))
@@ -392,9 +392,9 @@ def test_generate_and_judge_through_lima_core_serve(tmp_path, checkpoint):
     """The tiny checkpoint served by lima_core.serve (uvicorn in a thread, a real socket), its
     answers generated through the endpoint and judged by the same model: a 2M-parameter model
     writes no verdict line, so every judgment is recorded as unparsed, and reported so."""
-    serve = pytest.importorskip("lima_core.serve")
-    from lima_core.hf import load_pretrained
-    from lima_core.tokenizer import Tokenizer
+    from lima_core.checkpoint.hf import load_pretrained
+    from lima_core.data.tokenizer import Tokenizer
+    from lima_core.inference.serve import api as serve
 
     app = serve.create_app(load_pretrained(checkpoint), Tokenizer(checkpoint), model_name="tiny-served")
     with serving(app) as base:
@@ -436,7 +436,7 @@ def test_retries_back_off_exponentially(judge):
 def test_the_trainer_chooses_by_a_configured_judge(tmp_path):
     """--judge-url / --judge-model in the run's config: at the end the window's epochs are
     compared by the judge and summary.json says which it chose and why."""
-    from lima_core import train
+    from lima_core.train import loop as train
 
     lines = (ASSETS / "train.jsonl").read_text().splitlines()
     data = write_jsonl(tmp_path / "train.jsonl", [json.loads(line) for line in lines[:4]])
@@ -455,7 +455,7 @@ def test_the_trainer_chooses_by_a_configured_judge(tmp_path):
 
 
 def test_a_judge_url_needs_a_judge_model(tmp_path):
-    from lima_core import train
+    from lima_core.train import loop as train
 
     outcome = run_entry(train.main, ["--judge-url", "http://127.0.0.1:1/v1", "--out-dir", str(tmp_path / "r")], tmp_path)
     assert outcome.status == 2 and "--judge-url and --judge-model go together" in outcome.err

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from dist_worker import train_reference
 from helpers import tiny_model, torchrun
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_four_ranks(tmp_path, reference, mode):
 
 
 def test_bf16_compute_close_to_fp32_and_units_cover_every_parameter():
-    from lima_core.parallelize import parallelize
+    from lima_core.parallel.parallelize import parallelize
 
     model = tiny_model()
     names = sorted(n for n, _ in model.named_parameters())
@@ -87,8 +86,8 @@ def test_bf16_gathers_send_the_copy_the_optimizer_writes(fused, told):
     writes it in the pass of its update (the torch fallback after its step), and it is always
     the master rounded to nearest even, which is what a gather sends. An optimizer not told of
     the copies (told=False) leaves them stale; the gather then rounds them again itself."""
-    from lima_core.optim import adamw
-    from lima_core.parallelize import parallelize
+    from lima_core.parallel.parallelize import parallelize
+    from lima_core.train.optim import adamw
 
     model = tiny_model()
     sharded = parallelize(model, checkpointing="none", param_dtype=torch.bfloat16)
@@ -117,7 +116,7 @@ def test_bf16_gathers_send_the_copy_the_optimizer_writes(fused, told):
 
 def test_a_tied_head_shares_one_slot_with_the_embedding():
     """The tied head reads the embedding's gathered weight; its gradient has both uses, once."""
-    from lima_core.parallelize import parallelize
+    from lima_core.parallel.parallelize import parallelize
 
     tokens, labels = torch.randint(3, 101, (1, 20)), torch.randint(3, 101, (1, 20))
     reference = tiny_model(tie_embeddings=True)

@@ -11,8 +11,8 @@ from copy import deepcopy
 import pytest
 import torch
 
-from lima_core import fused_adamw
-from lima_core.fused_adamw import FusedAdamW
+from lima_core.native import adamw as fused_adamw
+from lima_core.native.adamw import FusedAdamW
 
 SHAPES = [(1,), (7,), (1023,), (4097,), (33, 65)]
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
+from helpers import ASSETS, make_hf_model
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
-from helpers import ASSETS, make_hf_model
-from lima_core.sampling import apply_repetition_penalty, generate, generate_batch, sample_next
-from lima_core.hf import load_pretrained
+from lima_core.checkpoint.hf import load_pretrained
+from lima_core.inference.decode import generate, generate_batch
+from lima_core.inference.sampling import apply_repetition_penalty, sample_next
 
 
 @pytest.mark.parametrize("name", ["gqa-llama3-rope", "odd-tied"])
@@ -69,10 +70,10 @@ def test_nucleus_sampling_draws_only_from_transformers_top_p_set():
 
 
 def test_generate_cli_answers_from_an_export(tmp_path):
-    from lima_core.config import ModelConfig
-    from lima_core.hf import save_pretrained
-    from lima_core.model import Llama
-    from lima_core.tokenizer import Tokenizer
+    from lima_core.checkpoint.hf import save_pretrained
+    from lima_core.data.tokenizer import Tokenizer
+    from lima_core.model.config import ModelConfig
+    from lima_core.model.llama import Llama
 
     tok = Tokenizer(ASSETS / "tokenizer.model")
     model = Llama(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, dim=32, n_heads=4, ffn_dim=32, n_layers=1))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from helpers import rel_err
 from transformers import LlamaForCausalLM
 
-from helpers import rel_err
-from lima_core.hf import hf_key, load_pretrained, our_key, save_pretrained
+from lima_core.checkpoint.hf import hf_key, load_pretrained, our_key, save_pretrained
 
 
 def test_export_loads_in_transformers_with_the_same_logits(hf_checkpoint, tmp_path):
@@ -44,8 +44,8 @@ def test_sharded_export_has_an_index_and_loads_both_ways(tmp_path):
 
 
 def test_key_map_round_trips():
-    from lima_core.config import ModelConfig
-    from lima_core.model import Llama
+    from lima_core.model.config import ModelConfig
+    from lima_core.model.llama import Llama
 
     model = Llama(ModelConfig.from_name("tiny", n_layers=12, dim=32, n_heads=4, ffn_dim=16))
     for key in model.state_dict():
@@ -96,7 +96,8 @@ def _earlier_export(path, **kwargs):
 
 def _tokenizer():
     from helpers import ASSETS
-    from lima_core.tokenizer import Tokenizer
+
+    from lima_core.data.tokenizer import Tokenizer
 
     return Tokenizer(ASSETS / "tokenizer.model")
 

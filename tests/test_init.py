@@ -3,11 +3,11 @@ depend on how the parameters are cut into shards (checked on cut points here, an
 on 1 and 2 ranks in tests/test_train.py)."""
 
 import torch
-
 from helpers import TINY
-from lima_core.config import ModelConfig
-from lima_core.init import CHUNK, keyed_normal
-from lima_core.model import Llama
+
+from lima_core.model.config import ModelConfig
+from lima_core.model.initialization import CHUNK, keyed_normal
+from lima_core.model.llama import Llama
 
 
 def test_any_cut_of_a_parameter_draws_the_same_values():

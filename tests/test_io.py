@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lima_core.io import TEMP_PREFIX, atomic_dir, remove_stale_temps, write_json
+from lima_core.checkpoint.atomic import TEMP_PREFIX, atomic_dir, remove_stale_temps, write_json
 
 
 def test_a_folder_appears_whole_and_replaces_the_old_one(tmp_path):

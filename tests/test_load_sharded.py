@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ASSETS, TORCHRUN
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import ASSETS, TORCHRUN
-from lima_core.tokenizer import Tokenizer
+from lima_core.data.tokenizer import Tokenizer
 
 
 def exported_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -89,8 +89,9 @@ def test_two_ranks_from_a_bf16_checkpoint_stay_bf16_end_to_end(tmp_path):
         assert torch.equal(exported[key][:value.shape[0]], value), key
 
     from helpers import rel_err
-    from lima_core.hf import load_pretrained
-    from lima_core.sampling import answer
+
+    from lima_core.checkpoint.hf import load_pretrained
+    from lima_core.inference.decode import answer
 
     tokens = torch.randint(0, base_vocab, (1, 19), generator=torch.Generator().manual_seed(0))
     theirs = LlamaForCausalLM.from_pretrained(run / "epoch-1", dtype=torch.float32)(tokens).logits
@@ -110,8 +111,8 @@ def test_two_ranks_from_a_bf16_checkpoint_stay_bf16_end_to_end(tmp_path):
 
 def sharded_model(cfg, vocab_size: int):
     """A model built on the meta device as the trainer builds it, grown to vocab_size, sharded on one rank."""
-    from lima_core.model import Llama
-    from lima_core.parallelize import parallelize
+    from lima_core.model.llama import Llama
+    from lima_core.parallel.parallelize import parallelize
 
     with torch.device("meta"):
         model = Llama(cfg, kernels="torch")
@@ -120,13 +121,13 @@ def sharded_model(cfg, vocab_size: int):
 
 
 def full_state(sharded) -> dict[str, torch.Tensor]:
-    from lima_core.hf import hf_key
+    from lima_core.checkpoint.hf import hf_key
 
     return {hf_key(k): v for unit in sharded.units for k, v in sharded.full_tensors(unit).items()}
 
 
 def test_one_rank_reads_every_tensor_and_gives_the_new_vocabulary_row_the_mean(checkpoint):
-    from lima_core.hf import load_sharded, read_config
+    from lima_core.checkpoint.hf import load_sharded, read_config
 
     base_vocab = Tokenizer(ASSETS / "tokenizer.model").base_vocab_size
     sharded = sharded_model(read_config(checkpoint), base_vocab + 1)
@@ -165,7 +166,7 @@ def test_the_sharded_path_refuses_a_mismatch_before_writing_a_shard(checkpoint, 
     import dataclasses
     import shutil
 
-    from lima_core.hf import CheckpointError, load_sharded, read_config
+    from lima_core.checkpoint.hf import CheckpointError, load_sharded, read_config
 
     path = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
     cfg = read_config(path)

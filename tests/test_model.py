@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_hf_model, rel_err, tiny_model
 from torch.utils.checkpoint import checkpoint
 
-from helpers import make_hf_model, rel_err, tiny_model
-from lima_core.hf import hf_key, load_pretrained
-from lima_core.model import KVCache, rope_cos_sin
+from lima_core.checkpoint.hf import hf_key, load_pretrained
+from lima_core.model.kv_cache import KVCache
+from lima_core.model.llama import rope_cos_sin
 
 WORST = {}  # name -> worst error seen, printed at the end of the session
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lima_core.config import ModelConfig
-from lima_core.model import Llama
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
 
 VOCAB, DIM = 61, 32
 

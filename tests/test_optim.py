@@ -2,9 +2,9 @@
 matrices only."""
 
 import pytest
-
 from helpers import tiny_model
-from lima_core.optim import lr_at, param_groups
+
+from lima_core.train.optim import lr_at, param_groups
 
 
 def test_learning_rate_decays_linearly_without_warmup():

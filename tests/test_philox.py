@@ -13,11 +13,12 @@ import random
 
 import pytest
 import torch
-from lima_kernels.philox import philox_uniform
 
-from lima_core import native, philox
-from lima_core.config import ModelConfig
-from lima_core.model import Llama
+from lima_core import native
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
+from lima_core.native import philox_uniform as philox
+from lima_kernels.philox import philox_uniform
 
 _rng = random.Random(9)
 SEEDS = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, _rng.randrange(2**63), _rng.randrange(2**32)]

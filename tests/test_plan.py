@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, torchrun
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lima_core.checkpointing import apply_checkpointing
-from lima_core.config import ModelConfig
-from lima_core.model import Llama
-from lima_core.plan import plan
-
-from helpers import TINY, torchrun
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
+from lima_core.parallel.checkpointing import apply_checkpointing
+from lima_core.parallel.plan import plan
 
 # Activation shapes: the tiny model, one four times wider, and one with tied embeddings,
 # multi-query attention and head_dim != dim / n_heads (so q-sized and dim-sized terms differ).
@@ -146,8 +145,8 @@ def test_the_command_line_prints_a_plan():
 
 def test_bf16_moments_halve_the_optimizer_bytes_the_plan_predicts():
     """The native op's bf16 moments, measured after a real step of the trainer's optimizer."""
-    from lima_core.optim import adamw
-    from lima_core.parallelize import parallelize
+    from lima_core.parallel.parallelize import parallelize
+    from lima_core.train.optim import adamw
 
     cfg = ModelConfig(**{**TINY, "n_layers": 2})
     model = Llama(cfg)
@@ -163,7 +162,7 @@ def test_bf16_moments_halve_the_optimizer_bytes_the_plan_predicts():
 
 
 def test_the_plan_counts_the_bf16_shard_copy_the_gathers_send():
-    from lima_core.parallelize import parallelize
+    from lima_core.parallel.parallelize import parallelize
 
     cfg = ModelConfig(**{**TINY, "n_layers": 2})
     sharded = parallelize(Llama(cfg), checkpointing="none", param_dtype=torch.bfloat16)
@@ -172,8 +171,8 @@ def test_the_plan_counts_the_bf16_shard_copy_the_gathers_send():
 
 
 def test_dev_generation_cache_is_what_the_kv_cache_allocates():
-    from lima_core.model import KVCache
-    from lima_core.plan import dev_generation
+    from lima_core.model.kv_cache import KVCache
+    from lima_core.parallel.plan import dev_generation
 
     cfg = ModelConfig(**TINY)
     p = plan(cfg, 4)
@@ -190,7 +189,7 @@ def test_the_readme_recipes_are_what_the_planner_says(capsys):
     planner must still print those figures, and say that training and dev generation fit."""
     import re
 
-    from lima_core.plan import main
+    from lima_core.parallel.plan import main
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     quoted = re.findall(r"#   (\S+), (\d+) GPUs: +total ([\d.]+) GiB of 80 GiB: fits", readme)

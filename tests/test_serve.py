@@ -15,15 +15,18 @@ import openai
 import pytest
 import torch
 import uvicorn
-
 from helpers import ASSETS, run_entry
-from lima_core.config import ModelConfig
-from lima_core.data import Conversation, prompt_ids
-from lima_core.hf import load_pretrained, save_pretrained
-from lima_core.model import Llama
-from lima_core.sampling import generate
-from lima_core.serve import TextStream, create_app, main, parse_args, server_config
-from lima_core.tokenizer import Tokenizer
+
+from lima_core.checkpoint.hf import load_pretrained, save_pretrained
+from lima_core.data.encode import prompt_ids
+from lima_core.data.formats import Conversation
+from lima_core.data.tokenizer import Tokenizer
+from lima_core.inference.decode import generate
+from lima_core.inference.serve.api import create_app
+from lima_core.inference.serve.cli import main, parse_args, server_config
+from lima_core.inference.text import TextStream
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
 
 NAME = "tiny-chat"
 QUESTION = "How do I boil an egg so the yolk stays soft?"

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ASSETS, ROOT, TORCHRUN, tiny_model
 from safetensors.torch import load_file
 
-from helpers import ASSETS, ROOT, TORCHRUN, tiny_model
-from lima_core import state as state_module
-from lima_core.optim import adamw
-from lima_core.parallelize import parallelize
-from lima_core.state import Progress, latest_state, load_state, save_state
+from lima_core.checkpoint import state as state_module
+from lima_core.checkpoint.state import Progress, latest_state, load_state, save_state
+from lima_core.parallel.parallelize import parallelize
+from lima_core.train.optim import adamw
 
 
 def train_cmd(tmp_path, n, name, *extra):

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ASSETS
 from transformers import AutoTokenizer
 
-from helpers import ASSETS
-from lima_core.config import ModelConfig
-from lima_core.hf import save_pretrained
-from lima_core.model import Llama
-from lima_core.tokenizer import EOT, Tokenizer
+from lima_core.checkpoint.hf import save_pretrained
+from lima_core.data.tokenizer import EOT, Tokenizer
+from lima_core.model.config import ModelConfig
+from lima_core.model.llama import Llama
 
 
 def mistral_v1_tokenizer(tmp_path) -> Path:

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ASSETS, TORCHRUN, make_hf_model, random_batches, rel_err
 from transformers import LlamaForCausalLM
 
-from helpers import ASSETS, TORCHRUN, make_hf_model, random_batches, rel_err
-from lima_core import train as train_module
-from lima_core.data import IGNORE
-from lima_core.hf import hf_key, load_pretrained
-from lima_core.optim import build_optimizer, lr_at, set_lr
-from lima_core.train import step_loss
+from lima_core.checkpoint.hf import hf_key, load_pretrained
+from lima_core.data.encode import IGNORE
+from lima_core.train import loop as train_module
+from lima_core.train.loop import step_loss
+from lima_core.train.optim import build_optimizer, lr_at, set_lr
 
 
 def test_five_steps_equal_transformers_with_torch_adamw(tmp_path):

@@ -14,12 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-from lima_core.config import DTYPES, ConfigError, add_flags, config_from_args
+from lima_core.checkpoint.hf import CheckpointError
+from lima_core.cli import add_flags, config_from_args
+from lima_core.config import DTYPES, ConfigError
+from lima_core.data.tokenizer import TokenizerError
 from lima_core.eval.client import EndpointError, make_client
 from lima_core.eval.generate import EvalError
 from lima_core.eval.store import StoreError
-from lima_core.hf import CheckpointError
-from lima_core.tokenizer import TokenizerError
 
 BAD_INPUT = (EvalError, StoreError, EndpointError, ConfigError, CheckpointError, TokenizerError)
 
@@ -226,7 +227,7 @@ def run_annotate(args) -> None:
 def run_chat(args) -> None:
     import uvicorn
 
-    from lima_core.eval.chat import Chat, create_chat_app, endpoint_reply
+    from lima_core.eval.live_chat import Chat, create_chat_app, endpoint_reply
 
     _at_least(args.max_tokens, 1, "--max-tokens")
     reply = endpoint_reply(args.endpoint, args.model, args.api_key, args.timeout, args.max_tokens, args.retries)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lima_core.checkpoint.atomic import write_json
 from lima_core.eval import stats, store
 from lima_core.eval.generate import EvalError, prompt_id
 from lima_core.eval.judge import PAIRWISE_HASH, Judge, judge_pairs
 from lima_core.eval.report import item_outcome
 from lima_core.eval.store import Response
-from lima_core.io import write_json
 
 # A Bradley-Terry maximum does not exist when an epoch lost every comparison (its strength goes
 # to zero). Half a game of prior, a quarter win each way, between every two epochs keeps every

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lima_core.data import DataError, parse_conversations
+from lima_core.data.formats import DataError, parse_conversations
 
 
 class EvalError(ValueError):
@@ -219,10 +219,11 @@ def checkpoint_answerer(checkpoint: str, settings: dict, seed: int, device: str,
     theirs (re-encoding the decoded text does not give it back), its stop token not counted."""
     import torch
 
-    from lima_core.data import Conversation, prompt_ids
-    from lima_core.hf import load_pretrained
-    from lima_core.sampling import generate_batch
-    from lima_core.tokenizer import Tokenizer
+    from lima_core.checkpoint.hf import load_pretrained
+    from lima_core.data.encode import prompt_ids
+    from lima_core.data.formats import Conversation
+    from lima_core.data.tokenizer import Tokenizer
+    from lima_core.inference.decode import generate_batch
 
     model = load_pretrained(checkpoint, dtype=dtype, device=device)
     tokenizer = Tokenizer(checkpoint)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lima_core.checkpoint.atomic import save_figure, write_bytes, write_json
 from lima_core.eval import stats, store
-from lima_core.io import save_figure, write_bytes, write_json
 
 OUTCOME_OF = {"A": "win", "B": "loss", "tie": "tie"}
 COLORS = {"win": "#3a8f3a", "tie": "#b8b8b8", "loss": "#c0392b"}
@@ -236,7 +236,7 @@ def people_alpha(comparisons: dict[tuple, list[Item]]) -> dict | None:
 
 def _live_labels(conn) -> dict[str, tuple[np.ndarray, list]]:
     """checkpoint -> ([conversations, 3] label counts (fail, pass, excellent), its labelled turns)."""
-    from lima_core.eval.chat import LABELS
+    from lima_core.eval.live_chat import LABELS
 
     rows = conn.execute("SELECT c.checkpoint, c.id AS conversation, t.turn, t.label FROM turns t "
                         "JOIN conversations c ON c.id = t.conversation WHERE t.label IS NOT NULL").fetchall()
@@ -253,7 +253,7 @@ def _live_labels(conn) -> dict[str, tuple[np.ndarray, list]]:
 def live_label_differences(conn, replicates: int, seed: int) -> list[dict]:
     """For every two checkpoints: the difference of each label's share (first minus second),
     with a 95% interval from resampling each checkpoint's conversations independently."""
-    from lima_core.eval.chat import LABELS
+    from lima_core.eval.live_chat import LABELS
 
     labels = _live_labels(conn)
     out = []
@@ -274,7 +274,7 @@ def live_label_stats(conn, replicates: int, seed: int) -> list[dict]:
     """The Fail / Pass / Excellent shares of each checkpoint's labelled replies (LIMA section 6),
     with bootstrap intervals over conversations (a conversation's turns are resampled together),
     and the counts per turn index."""
-    from lima_core.eval.chat import LABELS
+    from lima_core.eval.live_chat import LABELS
 
     out = []
     for checkpoint, (matrix, mine) in _live_labels(conn).items():

@@ -28,7 +28,7 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], *, fused: b
     optimizer state (moments stored with stochastic rounding) and needs the native op.
     copies ({parameter: low-precision tensor}, e.g. FSDP.param_copies()): rounded copies of the
     new parameters, written by the native op in its pass, else after each step."""
-    from lima_core import fused_adamw
+    from lima_core.native import adamw as fused_adamw
 
     copies = copies or {}
     if fused and fused_adamw.available():

@@ -14,7 +14,7 @@ import zlib
 
 import torch
 
-from lima_core.ops import mix_seed
+from lima_core.model.dispatch import mix_seed
 
 CHUNK = 1 << 20
 """Elements drawn per generator (fewer for a smaller parameter)."""

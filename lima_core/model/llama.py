@@ -8,7 +8,7 @@ from 0 at the bottom layer to `p_top` at the last, masks from a counter-based RN
 
 The forward takes packed rows (`cu_seqlens` marks example boundaries, positions restart per
 example) or plain `[batch, seq]` ids. It knows nothing of sharding, checkpointing or kernel
-choice: those are applied from outside (parallelize.py; ops.py picks an implementation by the
+choice: those are applied from outside (parallelize.py; dispatch.py picks an implementation by the
 `kernels` string the model passes through).
 """
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lima_core import ops
-from lima_core.attention import attention
-from lima_core.config import ModelConfig
+from lima_core.model import dispatch
+from lima_core.model.attention import attention
+from lima_core.model.config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -58,7 +58,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(cfg.dim))
 
     def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps, self.kernels)
+        return dispatch.rms_norm(x, self.weight, self.eps, self.kernels)
 
 
 class Attention(nn.Module):
@@ -76,8 +76,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, hkv, d]
-        q = ops.rotary(q, cos, sin, self.kernels)
-        k = ops.rotary(k, cos, sin, self.kernels)
+        q = dispatch.rotary(q, cos, sin, self.kernels)
+        k = dispatch.rotary(k, cos, sin, self.kernels)
         key_mask = None
         if cache is not None:
             k, v = cache.update(k, v)  # [b, cached + s, hkv, d]
@@ -110,12 +110,12 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, dropout_seed=None, cache=None):
         p = self.dropout if self.training and dropout_seed is not None else 0.0
-        seeds = (ops.mix_seed(dropout_seed, self.layer_id, 0), ops.mix_seed(dropout_seed, self.layer_id, 1)) if p else (0, 0)
+        seeds = (dispatch.mix_seed(dropout_seed, self.layer_id, 0), dispatch.mix_seed(dropout_seed, self.layer_id, 1)) if p else (0, 0)
         attn_out = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache)
         # One pass: the new residual h and its normalized copy for the MLP.
-        h, normed = ops.dropout_add_rms_norm(attn_out, x, self.mlp_norm.weight, p, seeds[0], self.mlp_norm.eps,
+        h, normed = dispatch.dropout_add_rms_norm(attn_out, x, self.mlp_norm.weight, p, seeds[0], self.mlp_norm.eps,
                                              self.kernels)
-        return ops.dropout_add(self.mlp(normed), h, p, seeds[1], self.kernels)
+        return dispatch.dropout_add(self.mlp(normed), h, p, seeds[1], self.kernels)
 
 
 class Head(nn.Module):
@@ -138,7 +138,7 @@ class Head(nn.Module):
         """x [b, s, dim] -> logits [b, s, vocab]; with labels [b, s] -> (summed fp32 loss, target count)."""
         if labels is None:
             return F.linear(x, self.matrix())
-        return ops.linear_cross_entropy(x.flatten(0, 1), self.matrix(), labels.flatten(), kernels=self.kernels)
+        return dispatch.linear_cross_entropy(x.flatten(0, 1), self.matrix(), labels.flatten(), kernels=self.kernels)
 
 
 class Llama(nn.Module):
@@ -218,45 +218,3 @@ class Llama(nn.Module):
         if not self.output.tied:
             self.output.weight = grown(self.output.weight)
         self.cfg.vocab_size = vocab_size
-
-
-class KVCache:
-    """Keys and values of past positions for incremental decoding, [b, max_len, hkv, d] per layer.
-
-    `padding` [b, max_len] (True: a slot that holds no token, e.g. the left padding of a
-    shorter prompt in a batch) keeps those slots out of every real query's attention."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype, padding=None):
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.length = 0
-        self.max_len = max_len
-        self.padding = padding
-
-    def key_mask(self, end: int):
-        """[b, end] True where a key may be attended to; None when nothing is padding."""
-        return None if self.padding is None else ~self.padding[:, :end]
-
-    def layer(self, i: int) -> "_LayerCache":
-        return _LayerCache(self, i)
-
-    def advance(self, n: int):
-        self.length += n
-
-
-class _LayerCache:
-    def __init__(self, cache: KVCache, i: int):
-        self.cache, self.i = cache, i
-
-    def update(self, k, v):
-        c, start = self.cache, self.cache.length
-        end = start + k.shape[1]
-        if end > c.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {c.max_len}")
-        c.k[self.i][:, start:end] = k
-        c.v[self.i][:, start:end] = v
-        return c.k[self.i][:, :end], c.v[self.i][:, :end]
-
-    def key_mask(self, end: int):
-        return self.cache.key_mask(end)

@@ -16,9 +16,9 @@ native op is CPU only: other devices, and a build without lima_core/_C.so
 from __future__ import annotations
 
 import torch
-from lima_kernels.philox import check_stream, philox_uniform
 
 from lima_core import native
+from lima_kernels.philox import check_stream, philox_uniform
 
 if native.available():
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lima_core.io import write_bytes, write_json
+from lima_core.checkpoint.atomic import write_bytes, write_json
+from lima_core.config import ASSETS
 
 EOT = "<|end_of_turn|>"
-BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
+BUNDLED_TOKENIZER = ASSETS / "tokenizer.model"
 
 # LIMA's conversation format as a `transformers` chat template: BOS, then every utterance and
 # EOT, no role markers (an optional system turn first, then turns alternate, user first), as

@@ -20,20 +20,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lima_core import ops
-from lima_core.config import DTYPES, Config, ConfigError, load_config
-from lima_core.data import DataError, Example, epoch_batches, shard_batch
-from lima_core.evaluate import end_of_epoch, judge_choice, selection_window, summarize
-from lima_core.hf import load_sharded
-from lima_core.init import init_sharded
-from lima_core.io import remove_stale_temps, write_json
-from lima_core.metrics import MetricsLogger, plot_losses
-from lima_core.model import Llama
-from lima_core.optim import adamw, lr_at, set_lr
-from lima_core.parallelize import Distributed, destroy_distributed, init_distributed, parallelize
-from lima_core.run import Run, check_environment, prepare
-from lima_core.run_folder import choose_state, claim
-from lima_core.state import Progress, load_state, save_state
+from lima_core.checkpoint.atomic import remove_stale_temps, write_json
+from lima_core.checkpoint.hf import load_sharded
+from lima_core.checkpoint.run_folder import choose_state, claim
+from lima_core.checkpoint.state import Progress, load_state, save_state
+from lima_core.cli import load_config
+from lima_core.config import DTYPES, Config, ConfigError
+from lima_core.data.encode import Example
+from lima_core.data.formats import DataError
+from lima_core.data.packing import epoch_batches, shard_batch
+from lima_core.model import dispatch
+from lima_core.model.initialization import init_sharded
+from lima_core.model.llama import Llama
+from lima_core.parallel.distributed import Distributed, destroy_distributed, init_distributed
+from lima_core.parallel.parallelize import parallelize
+from lima_core.train.end_of_epoch import end_of_epoch, judge_choice, selection_window, summarize
+from lima_core.train.metrics import MetricsLogger, plot_losses
+from lima_core.train.optim import adamw, lr_at, set_lr
+from lima_core.train.prepare import Run, check_environment, prepare
 
 
 class Diverged(RuntimeError):
@@ -53,7 +57,7 @@ def step_loss(model: Llama, batch: list[Example], max_len: int, device, dropout_
     for index, row in mine.rows:
         row = row.to(device)
         # Keyed by the row's global index, so masks do not depend on the number of ranks.
-        seed = None if dropout_seed is None or index is None else ops.mix_seed(dropout_seed, index)
+        seed = None if dropout_seed is None or index is None else dispatch.mix_seed(dropout_seed, index)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss_sum, _ = model(row.tokens, row.labels, positions=row.positions, cu_seqlens=row.cu_seqlens,
                                 max_seqlen=row.max_seqlen, dropout_seed=seed)
@@ -100,7 +104,7 @@ def train_step(run: Run, sharded, optimizer, progress: Progress, epoch: int, bat
     lr = lr_at(progress.step, total_steps, o.lr, o.lr_end)
     set_lr(optimizer, lr)
     loss_sum, targets, tokens = step_loss(run.model, batch, t.max_len, run.dist.device,
-                                          ops.mix_seed(t.seed, progress.step), DTYPES[t.dtype],
+                                          dispatch.mix_seed(t.seed, progress.step), DTYPES[t.dtype],
                                           run.dist.rank, run.dist.world, run.dist.group)
     grad_norm = sharded.clip_grad_norm_(o.grad_clip or float("inf"))
     loss_sum, grad_norm = torch.stack([loss_sum, grad_norm]).tolist()  # the step's one host sync
@@ -230,6 +234,3 @@ def main(argv=None):
     if status:
         sys.exit(status)
 
-
-if __name__ == "__main__":
-    main()

@@ -13,37 +13,12 @@ Exported as `lima_core.generate`; the command line is `python -m lima_core.chat`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
-from lima_core.config import SamplingConfig
-from lima_core.model import KVCache, Llama
-
-LIMA = SamplingConfig()
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (as transformers applies it): seen tokens' logits divided by the penalty
-    when positive, multiplied when negative. logits [b, vocab], seen [b, vocab] bool."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """One token per row of logits [b, vocab] -> [b]: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
-    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # [b, 1]
-    return order.gather(-1, choice)[:, 0]
+from lima_core.inference.sampling import LIMA, apply_repetition_penalty, check_settings, sample_next
+from lima_core.model.kv_cache import KVCache
+from lima_core.model.llama import Llama
 
 
 @torch.no_grad()
@@ -104,18 +79,6 @@ def prefill(model: Llama, prompts: list[list[int]], free_slots: int) -> tuple[KV
     return cache, logits, seen
 
 
-def check_settings(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float):
-    """The sampling settings' ranges (SamplingConfig's, for callers of the Python API)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty}")
-
-
 def _anyone_decoding(done: torch.Tensor, group) -> bool:
     """Whether a row of this rank, or of any rank of `group`, has not stopped (one host sync)."""
     busy = (~done).any().to(torch.int32)
@@ -138,7 +101,7 @@ def generate(model: Llama, prompt: list[int], **settings) -> list[int]:
 
 def answers(model: Llama, tokenizer, conversations: list[list[str]], **settings) -> list[str]:
     """The assistant's reply to each conversation (each ends with a user turn), decoded as one batch."""
-    from lima_core.data import prompt_ids  # here: `python -m lima_core.data` must not find it imported already
+    from lima_core.data.encode import prompt_ids
     stop_ids = {tokenizer.eot_id, tokenizer.eos_id}
     ids = generate_batch(model, [prompt_ids(tokenizer, turns) for turns in conversations], stop_ids=stop_ids,
                          **settings)

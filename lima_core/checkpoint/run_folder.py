@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from lima_core.state import complete_states, unreadable
+from lima_core.checkpoint.state import complete_states, unreadable
 
 LOCK = ".lock"
 OUTPUTS = ("state", "epoch-*", "generations-epoch-*.json", "metrics.jsonl", "summary.json", "loss.png",

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import torch
 
-from lima_core.config import DTYPES, PRESETS, Config, ConfigError, ModelConfig, TrainConfig
-from lima_core.data import Conversation, Example, check_targets, encode_conversation, read_conversations
-from lima_core.hf import check_checkpoint, checkpoint_dtype, read_config
-from lima_core.model import Llama
-from lima_core.parallelize import Distributed
-from lima_core.run_folder import fingerprint
-from lima_core.tokenizer import BUNDLED_TOKENIZER, Tokenizer
+from lima_core.checkpoint.hf import check_checkpoint, checkpoint_dtype, read_config
+from lima_core.checkpoint.run_folder import fingerprint
+from lima_core.config import DTYPES, Config, ConfigError, TrainConfig
+from lima_core.data.encode import Example, check_targets, encode_conversation
+from lima_core.data.formats import Conversation, read_conversations
+from lima_core.data.tokenizer import BUNDLED_TOKENIZER, Tokenizer
+from lima_core.model.config import PRESETS, ModelConfig
+from lima_core.model.llama import Llama
+from lima_core.parallel.distributed import Distributed
 
 
 @dataclass(frozen=True)

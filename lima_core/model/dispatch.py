@@ -5,16 +5,15 @@ the model's `kernels` choice (`Llama(cfg, kernels=...)`): "triton" runs the Trit
 reference (`lima_kernels.reference`: HF numerics, differentiable, any device), and "auto" the
 kernel on CUDA tensors and the reference elsewhere. Both compute the same function, dropout
 masks included: the reference draws Triton's Philox stream bit for bit with
-`lima_core.philox.uniform` (the native CPU op when lima_core/_C.so is built, else the
+`lima_core.philox_uniform.uniform` (the native CPU op when lima_core/_C.so is built, else the
 plain-torch emulation, which gives the same bits).
 """
 
 from __future__ import annotations
 
 import lima_kernels
+from lima_core.native import philox_uniform
 from lima_kernels import reference
-
-from lima_core import philox
 
 _MASK64 = (1 << 64) - 1
 
@@ -50,7 +49,7 @@ def dropout_add(x, residual, p: float, seed: int, kernels: str = "auto"):
     """residual + dropout(x, p); the mask is a function of (seed, element index)."""
     impl = _impl(x, kernels)
     if impl is reference:
-        return reference.dropout_add(x, residual, p, seed, 0, uniform=philox.uniform)
+        return reference.dropout_add(x, residual, p, seed, 0, uniform=philox_uniform.uniform)
     return impl.dropout_add(x, residual, p, seed, 0)
 
 
@@ -58,7 +57,7 @@ def dropout_add_rms_norm(x, residual, weight, p: float, seed: int, eps: float, k
     """(h, rms_norm(h)) with h = residual + dropout(x, p), in one pass on the kernel path."""
     impl = _impl(x, kernels)
     if impl is reference:
-        return reference.dropout_add_rms_norm(x, residual, weight, p, seed, 0, eps, uniform=philox.uniform)
+        return reference.dropout_add_rms_norm(x, residual, weight, p, seed, 0, eps, uniform=philox_uniform.uniform)
     return impl.dropout_add_rms_norm(x, residual, weight, p, seed, 0, eps)
 
 

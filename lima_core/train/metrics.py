@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lima_core.io import save_figure
+from lima_core.checkpoint.atomic import save_figure
 
 
 class MetricsLogger:

@@ -25,9 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lima_core.config import ModelConfig, RopeScaling, SamplingConfig
-from lima_core.io import atomic_dir, commit_dir, temp_path, write_json
-from lima_core.model import Llama
+from lima_core.checkpoint.atomic import atomic_dir, commit_dir, temp_path, write_json
+from lima_core.config import SamplingConfig
+from lima_core.model.config import ModelConfig, RopeScaling
+from lima_core.model.llama import Llama
 
 
 class CheckpointError(ValueError):

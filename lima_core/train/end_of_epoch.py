@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from lima_core.checkpoint.atomic import write_json
+from lima_core.checkpoint.hf import save_sharded
 from lima_core.config import DTYPES, SamplingConfig, TrainConfig
-from lima_core.data import Conversation, Example, shard_batch
-from lima_core.hf import save_sharded
-from lima_core.io import write_json
-from lima_core.ops import mix_seed
-from lima_core.run import Run
-from lima_core.sampling import answers
+from lima_core.data.encode import Example
+from lima_core.data.formats import Conversation
+from lima_core.data.packing import shard_batch
+from lima_core.inference.decode import answers
+from lima_core.model.dispatch import mix_seed
+from lima_core.train.prepare import Run
 
 
 def end_of_epoch(run: Run, sharded, epoch: int) -> dict:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lima_core.io import commit_dir, temp_path
+from lima_core.checkpoint.atomic import commit_dir, temp_path
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
