@@ -37,7 +37,8 @@ def tiny_model(seed: int = 0, kernels: str = "auto", **overrides) -> Llama:
 
 def torchrun(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `torchrun --standalone --nproc_per_node n ARGS` from the repository root; fail on a non-zero exit."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A worker script under tests/<area>/ imports these helpers: the tests folder goes on its path.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", str(n), *args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -4,7 +4,7 @@ These are the numerics the Triton kernels are tested against and the path the CP
 trainer runs directly. They use torch ops only (no triton import), so autograd
 differentiates them and `import lima_kernels.reference` works without triton.
 
-Reference numerics (DESIGN.md decision 1) are Hugging Face `transformers`' LLaMA:
+Reference numerics (lima-core docs/design.md, decision 1) are Hugging Face `transformers`' LLaMA:
   - rms_norm: LlamaRMSNorm (statistics in fp32, cast back to the input dtype before the
     weight multiply).
   - rotary: HF rotate-half RoPE, `q * cos + rotate_half(q) * sin`, cos/sin cast to q's dtype.

@@ -1,6 +1,6 @@
 """Causal attention over packed variable-length rows, never padding.
 
-Backends, first available wins (decision 5 of DESIGN.md):
+Backends, first available wins (docs/design.md, decision 5):
 1. the `flash_attn` package's varlen function (FlashAttention 3 interface, else 2), on CUDA;
 2. PyTorch's own FlashAttention varlen kernel, `torch.nn.attention.varlen.varlen_attn`, on CUDA;
 3. `scaled_dot_product_attention` with a block-diagonal causal mask: the CPU path and the

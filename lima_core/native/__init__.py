@@ -3,7 +3,7 @@ loaded once, on first import, for every op it registers (`torch.ops.lima.*`: fus
 Philox uniforms).
 
 `available()` says whether it loaded; `unavailable_reason()` says why not. Callers fall back
-to plain torch when it did not (DESIGN.md, decision 9): fused_adamw to torch.optim.AdamW,
+to plain torch when it did not (docs/design.md, decision 9): fused_adamw to torch.optim.AdamW,
 philox to the plain-torch Philox emulation.
 """
 

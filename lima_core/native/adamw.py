@@ -8,7 +8,7 @@ nearest even, or stochastically when a seed is given). Gradients may be fp32 or 
 fp32, or bf16 stored with stochastic rounding.
 
 `available()` says whether the library loaded; `unavailable_reason()` says why not (callers
-then fall back to torch.optim.AdamW: DESIGN.md, decision 9); both come from lima_core.native,
+then fall back to torch.optim.AdamW: docs/design.md, decision 9); both come from lima_core.native,
 which loads the library once for every native op. Known limit: with bf16 moments and
 no seed, every tensor's moment rounding draws from the same (step, element index) stream, so
 rounding errors are correlated across tensors (each is still unbiased).

@@ -12,7 +12,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def ulp_atol(dtype: torch.dtype, gold: torch.Tensor) -> float:
     """One ulp of `dtype` at the scale of `gold`.
 
-    Reason: the interpreter truncates fp32 -> bf16/fp16 casts instead of rounding (DESIGN.md),
+    Reason: the interpreter truncates fp32 -> bf16/fp16 casts instead of rounding (kernels/README.md),
     so a kernel value may be one ulp off where torch's rounding is half an ulp off.
     """
     return torch.finfo(dtype).eps * max(gold.abs().max().item(), 1e-30)

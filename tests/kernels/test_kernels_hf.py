@@ -1,4 +1,4 @@
-"""The README's embedding example: its code block, run as written, swaps every LlamaRMSNorm of a
+"""The lima-kernels README's embedding example: its code block, run as written, swaps every LlamaRMSNorm of a
 small random transformers LlamaForCausalLM for lima_kernels.RMSNorm, and the logits stay
 those of the unmodified model."""
 
@@ -10,14 +10,14 @@ import torch
 
 import lima_kernels
 
-README = Path(__file__).parents[2] / "README.md"
+README = Path(__file__).parents[2] / "kernels" / "README.md"
 
 
 def _readme_example() -> str:
-    """The first python block of the README's "Kernels" section (defines use_lima_rms_norm)."""
-    section = README.read_text().split("\n## Kernels\n", 1)[1].split("\n## ", 1)[0]
+    """The first python block of kernels/README.md's "In a transformers model" section (defines use_lima_rms_norm)."""
+    section = README.read_text().split("\n## In a transformers model\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks and "def use_lima_rms_norm" in blocks[0], "README Kernels section lost its example"
+    assert blocks and "def use_lima_rms_norm" in blocks[0], "kernels/README.md lost its transformers example"
     return blocks[0]
 
 

@@ -1,6 +1,6 @@
 """Residual dropout fused with the residual add: new_residual = residual + dropout_p(x).
 
-What (DESIGN.md decision 4, LIMA's residual dropout): dropout_p keeps element i (of x
+What (docs/design.md, decision 4, LIMA's residual dropout): dropout_p keeps element i (of x
 flattened row-major) iff u_i >= float32(p), where u_i = tl.rand(seed, offset + i) (Philox,
 counter offset + i), and scales kept values by 1 / (1 - p). The mask is never stored:
 backward recomputes it from (seed, offset), so activation checkpointing reproduces it

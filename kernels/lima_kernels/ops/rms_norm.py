@@ -4,7 +4,7 @@ What: one forward kernel and one backward kernel serve both ops, their variants 
 `tl.constexpr` flags (as flash-attention's ops/triton/layer_norm.py does):
     rms_norm:             y = rms_norm(x, weight, eps)
     dropout_add_rms_norm: z = residual + dropout_p(x), then (z, rms_norm(z, weight, eps))
-                          in one pass (LIMA's residual dropout, DESIGN.md decision 4)
+                          in one pass (LIMA's residual dropout, docs/design.md, decision 4)
 rms_norm(z) follows HF LlamaRMSNorm: statistics in fp32, the normalized value rounded to
 z's dtype before the weight multiply (HF's cast order), the product in fp32 rounded once to
 the output dtype (promote(z.dtype, weight.dtype), as torch does for `weight * h`). With a

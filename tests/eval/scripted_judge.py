@@ -109,7 +109,7 @@ class ScriptedJudge:
         return Handler
 
 
-if __name__ == "__main__":  # python tests/scripted_judge.py --port 8100 [--fallback distinct-words]
+if __name__ == "__main__":  # python tests/eval/scripted_judge.py --port 8100 [--fallback distinct-words]
     import argparse
 
     ap = argparse.ArgumentParser(description="a scripted OpenAI-compatible judge on 127.0.0.1")

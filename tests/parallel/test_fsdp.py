@@ -20,7 +20,7 @@ def reference():
 
 def run_worker(tmp_path, n: int, mode: str, checkpointing: str = "none", head: str = "untied"):
     out = tmp_path / f"{mode}-{n}-{checkpointing}-{head}"
-    torchrun(n, "tests/dist_worker.py", str(out), mode, checkpointing, head)
+    torchrun(n, "tests/parallel/dist_worker.py", str(out), mode, checkpointing, head)
     return json.loads((out / "losses.json").read_text()), load_file(out / "weights.safetensors")
 
 

@@ -1,5 +1,5 @@
 """The evaluation (lima_core.eval), without a network: a scripted judge on a real localhost HTTP
-server (tests/scripted_judge.py), reached through the openai client like any endpoint; the
+server (tests/eval/scripted_judge.py), reached through the openai client like any endpoint; the
 statistics against closed forms and cases worked by hand."""
 
 import json

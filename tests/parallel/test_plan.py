@@ -30,9 +30,9 @@ SHAPES = {"tiny": TINY,
 
 
 def check_held_bytes(tmp_path, n: int):
-    """Train n ranks (tests/dist_worker.py) and compare each rank's held bytes with the plan."""
+    """Train n ranks (tests/parallel/dist_worker.py) and compare each rank's held bytes with the plan."""
     cfg = ModelConfig(**TINY)
-    torchrun(n, "tests/dist_worker.py", str(tmp_path / f"ranks-{n}"), "ours")
+    torchrun(n, "tests/parallel/dist_worker.py", str(tmp_path / f"ranks-{n}"), "ours")
     p = plan(cfg, n, param_dtype="fp32")
     print(f"\n{'ranks':>5} {'rank':>4} | held params  grads  optimizer | plan params  grads  optimizer")
     for rank in range(n):
@@ -191,7 +191,7 @@ def test_the_readme_recipes_are_what_the_planner_says(capsys):
 
     from lima_core.parallel.plan import main
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     quoted = re.findall(r"#   (\S+), (\d+) GPUs: +total ([\d.]+) GiB of 80 GiB: fits", readme)
     assert {(m, int(g)) for m, g, _ in quoted} >= {("llama-2-7b", 8), ("llama-3-8b", 8), ("llama-65b", 32),
                                                   ("llama-3-70b", 32)}

@@ -1,6 +1,6 @@
 """A rank of the multi-process FSDP tests (launched by torchrun from tests/test_fsdp.py).
 
-    torchrun --standalone --nproc_per_node N tests/dist_worker.py OUT {ours,fsdp2} [CHECKPOINTING [tied]]
+    torchrun --standalone --nproc_per_node N tests/parallel/dist_worker.py OUT {ours,fsdp2} [CHECKPOINTING [tied]]
 
 Trains the tiny test model for STEPS steps on fixed random batches, sharded with lima-core's
 FSDP or with PyTorch's FSDP2, and writes (rank 0) OUT/losses.json and OUT/weights.safetensors,
