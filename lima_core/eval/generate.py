@@ -214,16 +214,16 @@ def generate(prompts: list[Prompt], out: Path, system: str, samples: int, settin
 
 
 def checkpoint_answerer(checkpoint: str, settings: dict, seed: int, device: str, dtype):
-    """answer_batch for a checkpoint decoded here, a batch of prompts at a time. It is
-    lima_core.sampling.answers spelled out, to keep the generated ids: a reply's token count is
-    theirs (re-encoding the decoded text does not give it back), its stop token not counted."""
+    """answer_batch for a checkpoint decoded here, a batch of prompts at a time, by the decode
+    core; a reply's token count is the tokens generated (re-encoding the decoded text does not
+    give it back), its stop token not counted."""
     import torch
 
     from lima_core.checkpoint.hf import load_pretrained
     from lima_core.data.encode import prompt_ids
     from lima_core.data.formats import Conversation
     from lima_core.data.tokenizer import Tokenizer
-    from lima_core.inference.decode import generate_batch
+    from lima_core.inference.decode import decode_batch
 
     model = load_pretrained(checkpoint, dtype=dtype, device=device)
     tokenizer = Tokenizer(checkpoint)
@@ -231,11 +231,9 @@ def checkpoint_answerer(checkpoint: str, settings: dict, seed: int, device: str,
     generator = torch.Generator(device).manual_seed(seed)
 
     def answer_batch(prompts: list[Prompt]) -> list[tuple[str, int, str]]:
-        ids = generate_batch(model, [prompt_ids(tokenizer, Conversation(p.turns, p.system)) for p in prompts],
-                             stop_ids=stop_ids, generator=generator, **settings)
-        stopped = [bool(row) and row[-1] in stop_ids for row in ids]
-        return [(tokenizer.decode(row), len(row) - stop, "stop" if stop else "length")
-                for row, stop in zip(ids, stopped)]
+        rows = decode_batch(model, [prompt_ids(tokenizer, Conversation(p.turns, p.system)) for p in prompts],
+                            stop_ids=stop_ids, generator=generator, **settings)
+        return [(tokenizer.decode(row.tokens), len(row.tokens) - (row.finish == "stop"), row.finish) for row in rows]
 
     return answer_batch
 

@@ -1,61 +1,153 @@
-"""Generation with LIMA's sampling settings by default (lima_core.config.SamplingConfig: nucleus
-p 0.9, temperature 0.7, repetition penalty 1.2), a KV cache, and a stop at EOT. Temperature 0 is
-greedy decoding.
+"""The one decode core. Every path that generates runs `Decoder`: batched generation
+(`generate_batch`: dev generations across ranks, `eval generate` from a checkpoint, the chat
+command) and the server's continuous batching (lima_core.inference.serve.engine).
 
-Prompts are decoded together as one batch: shorter prompts are padded on the left (padding is
-hidden from attention and from the repetition penalty, and positions restart at each prompt's
-first token), and each row stops on its own. On a sharded model every decode step gathers each
-unit once for the whole batch; with a process group, every rank decodes its own prompts until
-every rank is done (the forward holds collectives, so all ranks must run the same steps).
+A `Sequence` is one answer being decoded: its prompt, its token budget (the caller keeps it
+within the model's context), its sampling settings and generator, and what stops it: a stop
+token (EOT, EOS), a stop string (with a `TextStream`), or the budget. A `Decoder` holds the
+sequences decoded together: `admit` runs new prompts through the model together (shorter ones
+padded on the left, padding hidden from attention and from the repetition penalty, positions
+restarting at each prompt's first token) and joins them to the batch; `step` draws every row's
+next token and applies every stop; `forward` runs the rows one token further, first dropping
+the finished ones when asked to (`compact`, one copy of the kept cache, which the KV cache does).
 
-Exported as `lima_core.generate`; the command line is `python -m lima_core.chat`.
+Sampling defaults are LIMA's (lima_core.config.SamplingConfig: nucleus p 0.9, temperature 0.7,
+repetition penalty 1.2); temperature 0 is greedy. Rows with the same settings and generator are
+drawn in one call, so a batch sharing one seeded generator draws what it always drew, and a
+request with its own generator draws the same whatever else is in the batch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from lima_core.inference.sampling import LIMA, apply_repetition_penalty, check_settings, sample_next
+from lima_core.inference.text import TextStream
 from lima_core.model.kv_cache import KVCache
 from lima_core.model.llama import Llama
 
 
-@torch.no_grad()
-def generate_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: int = LIMA.max_new_tokens,
-                   temperature: float = LIMA.temperature, top_p: float = LIMA.top_p,
-                   repetition_penalty: float = LIMA.repetition_penalty, stop_ids=(), generator=None,
-                   group=None) -> list[list[int]]:
-    """Continue each prompt (token ids); returns each row's new ids, its stop token included if
-    reached, at most max_new_tokens and never past the model's context. With `group`, a
-    collective: ranks may hold different numbers of prompts (even none)."""
-    check_settings(max_new_tokens, temperature, top_p, repetition_penalty)
-    context = model.cfg.max_seq_len
-    for p in prompts:
-        if len(p) >= context:
-            raise ValueError(f"a prompt of {len(p)} tokens: beyond the model's context ({context} positions)")
-    was_training = model.training
-    model.eval()
-    rows = prompts or [[0]]  # a rank without prompts still runs every step's collectives
-    b, longest = len(rows), max(len(p) for p in rows)
-    max_new_tokens = min(max_new_tokens, context - longest)
-    cache, logits, seen = prefill(model, rows, max_new_tokens)
-    device = logits.device
-    lengths = torch.tensor([len(p) for p in rows], device=device)  # [b]
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    new = torch.empty(b, 0, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        token = sample_next(apply_repetition_penalty(logits.float(), seen, repetition_penalty), temperature,
-                            top_p, generator)  # [b]
-        new = torch.cat([new, token[:, None]], dim=1)
-        seen[torch.arange(b, device=device), token] = True
-        done |= torch.isin(token, stops)
-        if step + 1 == max_new_tokens or not _anyone_decoding(done, group):
-            break
-        logits = model(token[:, None], positions=(lengths + step)[:, None], cache=cache)[:, -1]
-    model.train(was_training)
-    return [_until_stop(row, set(stop_ids)) for row in new.tolist()][:len(prompts)]
+@dataclass(eq=False)
+class Sequence:
+    """One answer being decoded, and why it ended."""
+
+    prompt: list[int]
+    budget: int
+    """Most tokens to generate; the caller keeps prompt + budget within the model's context."""
+    temperature: float = LIMA.temperature
+    top_p: float = LIMA.top_p
+    repetition_penalty: float = LIMA.repetition_penalty
+    generator: torch.Generator | None = None
+    """This sequence's draws; None: the decoder's."""
+    text: TextStream | None = None
+    """Its text as the tokens arrive; stop strings end the answer. None: token ids only."""
+    tokens: list[int] = field(default_factory=list)
+    """The tokens generated, a stop token included."""
+    finish: str | None = None
+    """None while decoding; then "stop" (a stop token or string), "length" (the budget) or "cancelled"."""
+
+    def accept(self, token: int, stop_ids: set[int]) -> str:
+        """Take the next token; return the text it releases (always "" without `text`)."""
+        self.tokens.append(token)
+        if token in stop_ids:
+            self.finish = "stop"
+            return self.text.flush() if self.text else ""
+        released = self.text.add(token) if self.text else ""
+        if self.text and self.text.stopped:
+            self.finish = "stop"
+        elif len(self.tokens) == self.budget:
+            self.finish = "length"
+            released += self.text.flush() if self.text else ""
+        return released
+
+
+@dataclass
+class _Batch:
+    """Rows decoded together: their cache (rows right-aligned, see KVCache), the logits of each
+    row's next token, the tokens each row has seen (for the penalty), how many tokens each holds
+    in the cache (its next position) and the tokens the last step drew."""
+
+    rows: list[Sequence]
+    cache: KVCache
+    logits: torch.Tensor  # [b, vocab]
+    seen: torch.Tensor  # [b, vocab] bool
+    positions: torch.Tensor  # [b]
+    drawn: torch.Tensor | None = None  # [b]
+
+
+class Decoder:
+    """Sequences decoded together, one token each a step (see the module doc)."""
+
+    def __init__(self, model: Llama, stop_ids, generator: torch.Generator | None = None):
+        self.model = model
+        self.stop_ids = set(stop_ids)
+        self.generator = generator  # the draws of sampled rows that bring no generator of their own
+        self.batch: _Batch | None = None
+
+    @property
+    def rows(self) -> list[Sequence]:
+        return self.batch.rows if self.batch else []
+
+    def admit(self, new: list[Sequence]):
+        """Run the new sequences' prompts through the model together and add their rows."""
+        if not new:
+            return
+        if self.batch is None:  # room after the longest prompt for the longest budget
+            self.batch = _prefill_rows(self.model, new, free_slots=max(s.budget for s in new))
+            return
+        fresh = _prefill_rows(self.model, new, free_slots=0)
+        self.batch = _merge([(self.batch, range(len(self.batch.rows))), (fresh, range(len(new)))])
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """Draw every row's next token and apply every stop. Returns (sequence, text released)
+        for each row that was still decoding; a row that finished says so in its `finish`."""
+        b = self.batch
+        b.drawn = self._draw()  # [b]
+        b.seen[torch.arange(len(b.rows), device=b.drawn.device), b.drawn] = True
+        return [(row, row.accept(token, self.stop_ids))
+                for row, token in zip(b.rows, b.drawn.tolist()) if row.finish is None]
+
+    def forward(self, compact: bool):
+        """Run the rows one token further. With `compact`, finished rows leave the batch first;
+        without, they ride along (their tokens unused), so a batch sharing one generator keeps
+        drawing as it did."""
+        b, tokens = self.batch, self.batch.drawn
+        if compact:
+            going = [i for i, row in enumerate(b.rows) if row.finish is None]
+            if not going:
+                self.batch = None
+                return
+            if len(going) < len(b.rows):
+                self.batch, tokens = _merge([(b, going)]), tokens[going]
+                b = self.batch
+        b.logits = self.model(tokens[:, None], positions=b.positions[:, None], cache=b.cache)[:, -1]
+        b.positions += 1
+
+    def clear(self):
+        """Forget every row (after a failure: their requests were told)."""
+        self.batch = None
+
+    def _draw(self) -> torch.Tensor:
+        """Each row's next token [b], drawn with its own settings; rows that share them (and a
+        generator: greedy rows need none) in one call."""
+        b = self.batch
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(b.rows):
+            generator = None if row.temperature == 0 else (row.generator or self.generator)
+            groups.setdefault((row.temperature, row.top_p, row.repetition_penalty, generator), []).append(i)
+        if len(groups) == 1:
+            (temperature, top_p, penalty, generator), = groups
+            return sample_next(apply_repetition_penalty(b.logits.float(), b.seen, penalty), temperature, top_p,
+                               generator)
+        tokens = torch.empty(len(b.rows), dtype=torch.long, device=b.logits.device)
+        for (temperature, top_p, penalty, generator), rows in groups.items():
+            i = torch.tensor(rows, device=b.logits.device)
+            logits = apply_repetition_penalty(b.logits[i].float(), b.seen[i], penalty)
+            tokens[i] = sample_next(logits, temperature, top_p, generator)
+        return tokens
 
 
 def prefill(model: Llama, prompts: list[list[int]], free_slots: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
@@ -79,35 +171,102 @@ def prefill(model: Llama, prompts: list[list[int]], free_slots: int) -> tuple[KV
     return cache, logits, seen
 
 
-def _anyone_decoding(done: torch.Tensor, group) -> bool:
-    """Whether a row of this rank, or of any rank of `group`, has not stopped (one host sync)."""
-    busy = (~done).any().to(torch.int32)
-    if group is not None:
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=group)
-    return bool(busy)
+def _prefill_rows(model: Llama, rows: list[Sequence], free_slots: int) -> _Batch:
+    cache, logits, seen = prefill(model, [r.prompt for r in rows], free_slots)
+    return _Batch(list(rows), cache, logits, seen, torch.tensor([len(r.prompt) for r in rows], device=logits.device))
 
 
-def _until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[:i + 1]
-    return ids
+def _merge(parts: list[tuple[_Batch, list[int] | range]]) -> _Batch:
+    """The chosen rows of one or more batches as one batch, with cache room for every row's
+    remaining tokens."""
+    rows = [batch.rows[i] for batch, kept in parts for i in kept]
+    device = parts[0][0].logits.device
+    index = [torch.tensor(list(kept), device=device) for _, kept in parts]
+    spans = torch.cat([batch.positions[i] for (batch, _), i in zip(parts, index)])  # tokens each row holds
+    cache = KVCache.merge([(batch.cache, i) for (batch, _), i in zip(parts, index)], spans,
+                          free_slots=max(r.budget - len(r.tokens) for r in rows))
+    logits = torch.cat([batch.logits[i] for (batch, _), i in zip(parts, index)])
+    seen = torch.cat([batch.seen[i] for (batch, _), i in zip(parts, index)])
+    return _Batch(rows, cache, logits, seen, spans)
+
+
+# ---- batched generation: one batch, decoded until every row (on every rank) has stopped ------
+
+
+@torch.no_grad()
+def decode_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: int = LIMA.max_new_tokens,
+                 temperature: float = LIMA.temperature, top_p: float = LIMA.top_p,
+                 repetition_penalty: float = LIMA.repetition_penalty, stop_ids=(), generator=None,
+                 group=None) -> list[Sequence]:
+    """Continue each prompt (token ids) as one batch; returns each prompt's Sequence (its tokens,
+    its stop token included if reached, and why it finished). Every row may generate
+    max_new_tokens, less where the longest prompt (of every rank) would pass the model's context:
+    rows move in lockstep. With `group`, a collective: ranks may hold different numbers of
+    prompts (even none), and every rank steps until every rank's rows are done (the forward of
+    a sharded model holds collectives)."""
+    check_settings(max_new_tokens, temperature, top_p, repetition_penalty)
+    context = model.cfg.max_seq_len
+    for p in prompts:
+        if len(p) >= context:
+            raise ValueError(f"a prompt of {len(p)} tokens: beyond the model's context ({context} positions)")
+    device = model.tok_embeddings.weight.device  # collectives need the group's device (NCCL: CUDA)
+    budget = min(max_new_tokens, context - _longest(prompts, group, device))
+    rows = [Sequence(p, budget, temperature, top_p, repetition_penalty, generator) for p in prompts]
+    # A rank without prompts still runs every step's collectives, with one row that never decodes.
+    batch = rows or [Sequence([0], budget, temperature=0, finish="stop")]
+    was_training = model.training
+    model.eval()
+    decoder = Decoder(model, stop_ids)
+    decoder.admit(batch)
+    while True:
+        decoder.step()
+        if not _anyone_decoding(batch, group, device):
+            break
+        decoder.forward(compact=False)
+    model.train(was_training)
+    return rows
+
+
+def generate_batch(model: Llama, prompts: list[list[int]], **settings) -> list[list[int]]:
+    """Each prompt's new token ids (its stop token included if reached); settings as decode_batch's."""
+    return [s.tokens for s in decode_batch(model, prompts, **settings)]
 
 
 def generate(model: Llama, prompt: list[int], **settings) -> list[int]:
-    """Continue one prompt; `settings` as generate_batch's."""
+    """Continue one prompt; `settings` as decode_batch's. Exported as `lima_core.generate`."""
     return generate_batch(model, [prompt], **settings)[0]
 
 
-def answers(model: Llama, tokenizer, conversations: list[list[str]], **settings) -> list[str]:
-    """The assistant's reply to each conversation (each ends with a user turn), decoded as one batch."""
-    from lima_core.data.encode import prompt_ids
-    stop_ids = {tokenizer.eot_id, tokenizer.eos_id}
-    ids = generate_batch(model, [prompt_ids(tokenizer, turns) for turns in conversations], stop_ids=stop_ids,
-                         **settings)
+def answers(model: Llama, tokenizer, conversations: list, **settings) -> list[str]:
+    """The assistant's reply to each conversation (turns ending with a user turn, or a
+    data.formats.Conversation), decoded as one batch, stopping at EOT or EOS."""
+    from lima_core.data.encode import prompt_ids  # here: `python -m lima_core.data` must not find it imported already
+
+    ids = generate_batch(model, [prompt_ids(tokenizer, c) for c in conversations],
+                         stop_ids={tokenizer.eot_id, tokenizer.eos_id}, **settings)
     return [tokenizer.decode(row) for row in ids]
 
 
 def answer(model: Llama, tokenizer, turns: list[str], **settings) -> str:
     """The assistant's reply to a conversation that ends with a user turn."""
     return answers(model, tokenizer, [turns], **settings)[0]
+
+
+def _longest(prompts: list[list[int]], group, device) -> int:
+    """The longest prompt of this rank, or of every rank of `group`."""
+    longest = max((len(p) for p in prompts), default=1)  # a rank without prompts decodes a 1-token row
+    if group is None:
+        return longest
+    longest = torch.tensor(longest, device=device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    return int(longest)
+
+
+def _anyone_decoding(rows: list[Sequence], group, device) -> bool:
+    """Whether a row of this rank, or of any rank of `group`, has not stopped (one host sync with a group)."""
+    busy = any(row.finish is None for row in rows)
+    if group is None:
+        return busy
+    busy = torch.tensor(int(busy), dtype=torch.int32, device=device)
+    dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=group)
+    return bool(busy)

@@ -9,7 +9,7 @@ Backends, first available wins (docs/design.md, decision 5):
 Shapes: q [b, s, h, d]; k, v [b, sk, hkv, d] with h a multiple of hkv (grouped-query);
 packed rows have b == 1 and `cu_seqlens` [n + 1] (int32, cumulative example lengths).
 Without `cu_seqlens` each row is one sequence; when sk > s (a KV cache) the queries are the
-last s positions. Batched decoding of prompts of different lengths (lima_core.sampling) pads
+last s positions. Batched decoding of prompts of different lengths (lima_core.inference.decode) pads
 them on the left and passes `key_mask` [b, sk] (False: a padding slot no query may see but its
 own, so no row is ever all masked).
 """

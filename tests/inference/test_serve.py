@@ -1,5 +1,5 @@
 """The OpenAI-compatible server, called through the official `openai` client: each answer's
-tokens equal lima_core.sampling.generate run on data.prompt_ids directly (greedy, and sampled
+tokens equal lima_core.inference.decode.generate run on data.encode.prompt_ids directly (greedy, and sampled
 with the request's seed), plain and streamed; stop strings, usage, the error objects, and
 concurrent requests decoded together. One tiny export, served in this process on a free port."""
 
@@ -37,7 +37,7 @@ CONTEXT = 256
 @dataclass
 class Served:
     client: openai.OpenAI
-    reference: Llama  # its own copy of the export, for lima_core.sampling.generate
+    reference: Llama  # its own copy of the export, for lima_core.inference.decode.generate
     tokenizer: Tokenizer
     engine: object
     folder: Path
@@ -82,7 +82,7 @@ def served(tmp_path_factory):
 
 
 def reference_ids(s: Served, conversation, max_tokens: int, **settings) -> list[int]:
-    """lima_core.sampling.generate on the training format of the conversation, stopping at EOT or EOS."""
+    """lima_core.inference.decode.generate on the training format of the conversation, stopping at EOT or EOS."""
     settings = {"temperature": 0, **settings}
     return generate(s.reference, prompt_ids(s.tokenizer, conversation), max_new_tokens=max_tokens,
                     stop_ids={s.tokenizer.eot_id, s.tokenizer.eos_id}, **settings)
