@@ -5,7 +5,7 @@
 #   3. run the GPU tests (compiled Triton kernels: TRITON_INTERPRET=0), among them the whole model on
 #      the Triton path against the reference in fp32, bf16 autocast and bf16 parameters; then
 #   3b. the default job in bf16 on the Triton kernels (the mode that once crashed at its first
-#      backward), and the compile table of `python -m lima_kernels.aot` beside what this GPU runs;
+#      backward), and the compile table of `python bench/aot.py` beside what this GPU runs;
 #   4. run the benchmarks into $OUT/bench.json, and (4b) the FSDP step comparison (bench/fsdp_step.py);
 #   5. copy the results to bench/results/<date>-<gpu>.json (and $OUT) and print a short table.
 # Optional comparators travel as wheels in .wheels/ (e.g. liger-kernel, pure Python):
@@ -42,7 +42,7 @@ $PY -m lima_core.train --config configs/tiny.toml --dtype bf16 --kernels triton 
     --out-dir "$OUT/runs" --name tiny-bf16 --plot false >"$OUT/train-bf16.log" 2>&1
 TRAIN_RC=$?
 tail -3 "$OUT/train-bf16.log"
-env -u TRITON_INTERPRET $PY -m lima_kernels.aot --json "$OUT/aot.json" >"$OUT/aot.log" 2>&1
+env -u TRITON_INTERPRET $PY bench/aot.py --json "$OUT/aot.json" >"$OUT/aot.log" 2>&1
 AOT_RC=$?
 tail -4 "$OUT/aot.log"
 

@@ -1,6 +1,6 @@
 """Small helpers shared by the kernel files: launch configuration, device, layout and
 argument checks, and occupancy (blocks per SM of a compiled kernel), which sizes the grids
-of persistent kernels on a GPU and lima_kernels.aot's report without one.
+of persistent kernels on a GPU and lima-core's compile report (bench/aot.py) without one.
 
 Under `TRITON_INTERPRET=1` (the CPU test path) kernels run in Triton's numpy
 interpreter, whose cost grows with the number of programs, and `@triton.autotune`
@@ -71,8 +71,7 @@ class SMLimits:
 
     Registers are allocated per warp in units of `reg_unit` from `sub_partitions` equal
     register files; shared memory per block in units of `smem_unit`, plus `smem_reserved`
-    bytes the driver keeps per block. `sms`: the SM count (in ARCH_LIMITS, of the part named
-    beside it)."""
+    bytes the driver keeps per block. `sms`: the SM count."""
 
     sms: int
     smem: int  # shared memory per SM, bytes (the largest carveout)
@@ -86,12 +85,6 @@ class SMLimits:
     smem_unit: int = 128
     smem_reserved: int = 1 * KiB
     warp_size: int = 32
-
-
-ARCH_LIMITS = {
-    80: SMLimits(sms=108, smem=164 * KiB, smem_per_block=163 * KiB),  # A100 SXM4
-    90: SMLimits(sms=132, smem=228 * KiB, smem_per_block=227 * KiB),  # H100 SXM5
-}
 
 
 def _round_up(x: int, unit: int) -> int:
@@ -176,7 +169,7 @@ def num_programs_persistent(kernel, device: torch.device, work: int, args_for, m
     # Compile (or find) the kernel as launched with one program per SM. Integer arguments that
     # depend on the grid may specialize differently in the real launch (divisible by 16 or
     # not); for the RMSNorm backward that leaves the registers unchanged (every variant,
-    # hidden 4096 and 8192, sm_80 and sm_90, compiled by lima_kernels.aot).
+    # hidden 4096 and 8192, sm_80 and sm_90, compiled by lima-core's bench/aot.py).
     compiled = kernel.warmup(*args_for(min(limits.sms, work)), grid=(1,), **meta)
     compiled._init_handles()  # loads it: the driver reports n_regs
     shared = compiled.metadata.shared + static_shared_bytes(compiled.kernel, compiled.name)

@@ -153,7 +153,8 @@ def plan(cfg: ModelConfig, gpus: int, *, seq: int = 2048, micro_batch: int = 1, 
     tokens = seq * micro_batch
     ring = (gpus - 1) / gpus
     gathered = sum(sizes[1:-1]) if not cfg.tie_embeddings else sum(sizes[1:])
-    return Plan(gpus, params=(4 + (p if p < 4 else 0)) * shard, grads=4 * shard, optimizer=2 * BYTES[moment_dtype] * shard,
+    return Plan(gpus, params=(4 + (p if p < 4 else 0)) * shard, grads=4 * shard,
+                optimizer=2 * BYTES[moment_dtype] * shard,
                 in_flight=3 * max(sizes) * p if gpus > 1 else 0,
                 activations=activation_bytes(cfg, checkpointing, tokens, p),
                 gather_bytes=int(ring * (sum(sizes) + gathered) * p),
@@ -246,7 +247,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-def main(argv=None):
+def parse_args(argv=None) -> tuple[argparse.Namespace, ModelConfig]:
+    """The planner's flags (each a setting of the run it plans) and the model they name."""
     ap = argparse.ArgumentParser(prog="python -m lima_core.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-65b")
     ap.add_argument("--gpus", type=_positive_int, default=64)
@@ -261,16 +263,24 @@ def main(argv=None):
     ap.add_argument("--link-gbps", type=_positive, default=400, help="per-GPU network bandwidth, Gbit/s")
     ap.add_argument("--dev-prompts", type=_positive_int, default=50, help="dev conversations (LIMA: 50)")
     ap.add_argument("--dev-prompt-tokens", type=_positive_int, default=512, help="longest dev prompt in tokens")
-    ap.add_argument("--max-new-tokens", type=_positive_int, default=2048, help="longest dev answer (sampling.max_new_tokens)")
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=2048,
+                    help="longest dev answer (sampling.max_new_tokens)")
     ap.add_argument("--epochs", type=_positive_int, default=15)
-    ap.add_argument("--window", type=_positive_int, nargs=2, default=(5, 10), help="epochs with dev generations (LIMA: 5-10)")
-    ap.add_argument("--exports", type=_positive_int, default=None, help="exports per run (default: the window and the last epoch)")
+    ap.add_argument("--window", type=_positive_int, nargs=2, default=(5, 10),
+                    help="epochs with dev generations (LIMA: 5-10)")
+    ap.add_argument("--exports", type=_positive_int, default=None,
+                    help="exports per run (default: the window and the last epoch)")
     ap.add_argument("--write-gbs", type=_positive, default=2.0, help="file write bandwidth per GPU's process, GB/s")
     a = ap.parse_args(argv)
     try:
-        cfg = ModelConfig.from_name(a.model)
+        return a, ModelConfig.from_name(a.model)
     except ConfigError as e:
         ap.error(str(e))
+
+
+def main(argv=None):
+    """Print the plan: memory per GPU, bytes moved, and the time of a LIMA run."""
+    a, cfg = parse_args(argv)
     kw = dict(seq=a.seq, micro_batch=a.micro_batch, checkpointing=a.checkpointing, param_dtype=a.param_dtype,
               moment_dtype=a.moment_dtype)
     p = plan(cfg, a.gpus, **kw)
@@ -284,13 +294,15 @@ def main(argv=None):
           f"{'fits' if p.total <= a.gpu_memory * gib else 'does NOT fit'}")
     micro = micro_batches(cfg, a.gpus, a.seq, 650)
     print(f"per micro-batch and rank: all-gather {p.gather_bytes / gib:.1f} GiB, reduce-scatter "
-          f"{p.reduce_bytes / gib:.1f} GiB; {micro} micro-batch(es) per rank and step (LIMA's batch, ~650 tokens an example)")
+          f"{p.reduce_bytes / gib:.1f} GiB; {micro} micro-batch(es) per rank and step "
+          f"(LIMA's batch, ~650 tokens an example)")
     smallest = smallest_cluster(cfg, a.gpu_memory * gib, **kw)
     print(f"smallest cluster that fits: {smallest} GPUs")
     total, compute, comm = lima_time(cfg, p, mfu=a.mfu, peak_tflops=a.peak_tflops, link_gbps=a.link_gbps,
                                      checkpointing=a.checkpointing, seq=a.seq, epochs=a.epochs)
     print(f"LIMA training (1,030 examples x {a.epochs} epochs, ~650 tokens each): {total / 3600:.2f} h "
-          f"(compute {compute / 3600:.2f} h at MFU {a.mfu}, communication {comm / 3600:.2f} h at {a.link_gbps} Gbit/s)")
+          f"(compute {compute / 3600:.2f} h at MFU {a.mfu}, "
+          f"communication {comm / 3600:.2f} h at {a.link_gbps} Gbit/s)")
     window = a.window[1] - a.window[0] + 1
     gen, cache = dev_generation(cfg, p, prompts=a.dev_prompts, prompt_tokens=a.dev_prompt_tokens,
                                 new_tokens=a.max_new_tokens, link_gbps=a.link_gbps, param_dtype=a.param_dtype)

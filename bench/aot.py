@@ -1,10 +1,20 @@
-"""Compile every kernel of lima_kernels (and the CUDA kernels of lima-core's csrc/) for
-sm_80 and sm_90 without a GPU, and print what each compiled kernel costs an SM.
+"""lima-core's compile report: every Triton kernel of lima_kernels (and the CUDA kernels of
+csrc/) compiled for sm_80 and sm_90 without a GPU, and what each compiled kernel costs an SM.
 
-    python -m lima_kernels.aot [--arch 80 90] [--reduced] [--json FILE]
+    python bench/aot.py [--arch 80 90] [--reduced] [--json FILE]      # in a lima-core checkout
 
 Why: a kernel that fails to compile, spills registers or fits fewer blocks per SM than its
 launcher assumes shows up here, on a CPU-only machine, before any GPU run.
+
+Why here, in the repository and in no wheel: specializing a kernel as a launch does, without
+a GPU, takes Triton's private argument binder (create_function_from_signature, _pack_args,
+make_backend, MockTensor), which holds for the triton that requirements.lock pins, not for
+every triton >= 3.6 that lima-kernels accepts; and csrc/*.cu ships in neither lima-kernels
+nor lima-core's wheel. So the report is a check of this checkout, beside the benchmarks that
+run its whole matrix (test_bench_aot.py) and keep its results (results/<date>-aot.json), and
+the lima-kernels wheel holds only what its ops run. The A100 and H100 limits below are the
+report's alone; the occupancy arithmetic is lima_kernels' own, the one its persistent
+launchers use on a GPU.
 
 How: each Triton kernel is specialized exactly as a launch specializes it (Triton's own
 argument binder over the values a launcher passes; tensors as 16-byte aligned pointers of
@@ -16,14 +26,14 @@ and fp32, 16384 tokens), and compiled by triton.compile for GPUTarget("cuda", ar
 Registers and local memory per thread come from the cubin (cuobjdump); ptxas puts spilled
 registers in the stack frame and these kernels have no local arrays, so local memory means
 spills. Shared memory is Triton's (metadata.shared) plus the cubin's static section.
-Occupancy is _utils.blocks_per_sm, the function the persistent launchers size their grids
-with on a GPU. csrc/*.cu is compiled with nvcc, when there is one, for the same archs, while
-Triton compiles.
+Occupancy is lima_kernels._utils.occupancy_limits, whose minimum (blocks_per_sm) the
+persistent launchers size their grids with on a GPU. csrc/*.cu is compiled with nvcc, when
+there is one on PATH, for the same archs, while Triton compiles.
 
 Exit status 1 on any compile error, on a kernel that cannot run (0 blocks per SM), or on any
 spill at hidden <= 8192. The RMSNorm kernels are also compiled at hidden 16384, where a spill
 is reported but allowed. --reduced compiles one shape and dtype per kernel (every variant,
-both archs): the test suite's run.
+both archs): the test suite's run (tests/kernels/test_kernels_aot.py).
 """
 
 from __future__ import annotations
@@ -49,17 +59,22 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
 
-from . import ops
-from ._utils import ARCH_LIMITS, interpreting, occupancy_limits, row_config, static_shared_bytes
-from .ops import dropout_add, linear_cross_entropy, rms_norm, rotary
+from lima_kernels import ops
+from lima_kernels._utils import KiB, SMLimits, interpreting, occupancy_limits, row_config, static_shared_bytes
+from lima_kernels.ops import dropout_add, linear_cross_entropy, rms_norm, rotary
 
 TOKENS = 16384  # rows per launch: 8 sequences of 2048 tokens (a multiple of 16, as batches are)
 HEAD_DIM = 128
 KV_HEADS = 8  # grouped-query attention's k heads (LLaMA-2 70B, LLaMA-3)
-SEED = 0x5DEECE66D2545F49  # a 63-bit seed as lima_core.ops.mix_seed makes them: an i64 argument
+SEED = 0x5DEECE66D2545F49  # a 63-bit seed as lima_core.model.dispatch.mix_seed makes them: an i64 argument
 MAX_HIDDEN_WITHOUT_SPILLS = 8192
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-CSRC = Path(__file__).resolve().parents[2] / "csrc"  # lima-core's native ops, in a checkout
+CSRC = Path(__file__).resolve().parents[1] / "csrc"  # lima-core's native ops
+
+ARCH_LIMITS = {  # the parts the report compiles for
+    80: SMLimits(sms=108, smem=164 * KiB, smem_per_block=163 * KiB),  # A100 SXM4
+    90: SMLimits(sms=132, smem=228 * KiB, smem_per_block=227 * KiB),  # H100 SXM5
+}
 
 
 @dataclass
@@ -443,13 +458,13 @@ def print_summary(rows: list[Row], nvcc_note: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lima_kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python bench/aot.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(ARCH_LIMITS), choices=sorted(ARCH_LIMITS))
     parser.add_argument("--reduced", action="store_true", help="one shape and dtype per kernel (the test suite's)")
     parser.add_argument("--json", type=Path, help="also write the rows and limits to this file")
     opts = parser.parse_args(argv)
     if interpreting():
-        print("lima_kernels.aot compiles real kernels: run it without TRITON_INTERPRET=1", file=sys.stderr)
+        print("bench/aot.py compiles real kernels: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
 
     start = time.perf_counter()
@@ -458,9 +473,9 @@ def main(argv=None) -> int:
         rows = [measure(launch, arch) for arch in opts.arch for launch in launches(opts.reduced, arch)]
         for arch in opts.arch:  # a kernel without a launch in the matrix is an error too
             for name in sorted(ops_kernels() - {r.kernel for r in rows if r.arch == arch}):
-                rows.append(Row(name, "-", arch, "-", "-", 0, error="no launch of it in lima_kernels.aot"))
+                rows.append(Row(name, "-", arch, "-", "-", 0, error="no launch of it in bench/aot.py"))
         if nvcc is None:
-            nvcc_note = "skipped (no nvcc on PATH, or no csrc/*.cu next to this package)"
+            nvcc_note = "skipped (no nvcc on PATH, or no csrc/*.cu)"
         else:
             procs, notes = nvcc
             nvcc_rows = finish_nvcc(procs)
