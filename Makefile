@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml kernels/pyproject.toml requirements.lock CMakeLists.txt
 train: setup
 	$(PY) -m lima_core.train --config $(TRAIN_CONFIG) $(ARGS)
 
+# The linter first (ruff, configured in pyproject.toml): a lint error fails the suite.
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -13,6 +13,7 @@ bf16 compute with fp32 masters; on CPU a tiny one (the harness only). Writes the
 ratios to plain and to FSDP2, and peak memory (CUDA) to OUT.json.
 """
 
+import functools
 import json
 import statistics
 import sys
@@ -21,10 +22,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 from lima_core.parallel.parallelize import parallelize
-from lima_core.train.optim import adamw, param_groups
+from lima_core.train.optim import adamw
 
 CUDA = torch.cuda.is_available()
 SHAPE = (dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=5504, vocab_size=32000)
@@ -39,6 +40,13 @@ def build(device) -> Llama:
     model.init_weights(torch.Generator(device).manual_seed(0))
     model.set_residual_dropout(0.0)
     return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The unsharded runs' AdamW groups, by the rule of FSDP.param_groups: decay on matrices only."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def step_fn(model, clip, optimizer, batch, dtype):
@@ -96,7 +104,7 @@ def main():
     sharded = parallelize(model, group=group, checkpointing="none", device=device,
                           param_dtype=dtype, reduce_dtype=torch.float32)
     opt = adamw(sharded.param_groups(0.1), 1e-6, (0.9, 0.95))
-    measure("lima_fsdp", model, lambda: sharded.clip_grad_norm_(1.0), opt)
+    measure("lima_fsdp", model, functools.partial(sharded.clip_grad_norm_, 1.0), opt)
     del model, sharded, opt
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -120,7 +128,7 @@ def main():
         print(json.dumps(results, indent=2))
     import gc
 
-    gc.collect()  # free what holds the process group before destroying it (see lima_core.train.main)
+    gc.collect()  # free what holds the process group before destroying it (see lima_core.train.loop.main)
     dist.destroy_process_group()
 
 

@@ -28,9 +28,9 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lima_core.checkpoint.atomic import TEMP_PREFIX
-from lima_core.checkpoint.hf import load_pretrained
-from lima_core.checkpoint.state import complete_states, unreadable
+from lima_core.checkpoint.atomic import TEMP_PREFIX  # noqa: E402 (needs the sys.path insert above)
+from lima_core.checkpoint.hf import load_pretrained  # noqa: E402 (needs the sys.path insert above)
+from lima_core.checkpoint.state import complete_states, unreadable  # noqa: E402 (needs the sys.path insert above)
 
 EPOCHS = 80  # long enough (~3 minutes on 2 cores) for every kill to land before the end
 
@@ -54,7 +54,8 @@ def main(argv=None):
     rng = random.Random(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
     data = a.out / "train.jsonl"
-    data.write_text("".join(line + "\n" for line in (ROOT / "lima_core/assets/train.jsonl").read_text().splitlines()[:12]))
+    data.write_text("".join(line + "\n"
+                            for line in (ROOT / "lima_core/assets/train.jsonl").read_text().splitlines()[:12]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = a.out / "runs" / "killed"
     for name in ("killed", "whole"):
@@ -96,7 +97,7 @@ def main(argv=None):
             model = load_pretrained(export)
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 bad_exports.append((export, "non-finite weights"))
-        except Exception as e:  # noqa: BLE001 - any failure to load is what this counts
+        except Exception as e:  # any failure to load is what this counts
             bad_exports.append((export, f"{type(e).__name__}: {e}"))
     left = temporaries(run)
     last = f"epoch-{EPOCHS}/model.safetensors"

@@ -1,4 +1,4 @@
-"""Fused AdamW benchmarks: the native op (lima_core.fused_adamw.FusedAdamW) against
+"""Fused AdamW benchmarks: the native op (lima_core.native.adamw.FusedAdamW) against
 torch.optim.AdamW with foreach=True and with fused=True, one step over one flat fp32 tensor of
 16M and of 64M parameters (LIMA's hyperparameters), in the same run; and the trainer's real
 step, which also writes the bf16 copy for the next all-gather: lima in one pass against torch's

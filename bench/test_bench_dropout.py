@@ -7,7 +7,7 @@ first batch of epoch 0), three ways in the same run:
 
 - `dropout-0`: no residual dropout;
 - `dropout-0.2`: LIMA's ramp with p_top = 0.2, masks drawn by the native Philox op
-  (lima_core.philox.uniform -> torch.ops.lima.philox_uniform);
+  (lima_core.native.philox_uniform.uniform -> torch.ops.lima.philox_uniform);
 - `dropout-0.2-emulated`: the same masks (bit for bit) drawn by the plain-torch emulation
   (lima_kernels.philox.philox_uniform), the CPU path before the native op.
 
@@ -36,8 +36,8 @@ from lima_core.data.formats import read_conversations
 from lima_core.data.packing import epoch_batches, pack
 from lima_core.data.tokenizer import Tokenizer
 from lima_core.model import dispatch as ops
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 from lima_core.native import philox_uniform as philox
 from lima_kernels.philox import philox_uniform
 
@@ -79,7 +79,7 @@ def setup():
 
 
 def _step(model, rows, p_top: float):
-    """Forward and backward of every row (train.step_loss's work for one rank)."""
+    """Forward and backward of every row (train.loop.forward_backward's work for one rank)."""
     model.set_residual_dropout(p_top)
     n_targets = sum(r.num_targets for r in rows)
 

@@ -276,7 +276,8 @@ def _cases():
         for shape in op["shapes"]:
             for mode in ("fwd", "bwd", "fwd+bwd"):
                 for impl in op["impls"]:
-                    yield pytest.param(op_name, shape, mode, impl, id=f"{op_name}-{'x'.join(map(str, shape))}-{mode}-{impl}")
+                    yield pytest.param(op_name, shape, mode, impl,
+                                       id=f"{op_name}-{'x'.join(map(str, shape))}-{mode}-{impl}")
 
 
 @pytest.mark.parametrize("op_name,shape,mode,impl", list(_cases()))

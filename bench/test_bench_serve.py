@@ -30,8 +30,8 @@ import torch
 
 from lima_core.checkpoint.hf import save_pretrained
 from lima_core.data.tokenizer import Tokenizer
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [f"Question {i}: how do I {topic}?" for i, topic in enumerate(

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from lima_core.checkpoint.hf import config_to_hf, hf_key
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -88,7 +88,8 @@ def test_train_step(benchmark, steps, impl, device):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    benchmark.group = f"train step: {LAYERS} layers, hidden {SHAPE['dim']}, vocab {SHAPE['vocab_size']}, {TOKENS} tokens"
+    benchmark.group = (f"train step: {LAYERS} layers, hidden {SHAPE['dim']}, vocab {SHAPE['vocab_size']}, "
+                       f"{TOKENS} tokens")
     benchmark.pedantic(_synchronized(steps[impl]), rounds=5, warmup_rounds=2, iterations=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(median_s=seconds, tokens_per_s=TOKENS / seconds, device=device, dtype=str(DTYPE))

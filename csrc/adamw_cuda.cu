@@ -112,7 +112,7 @@ bool aligned(const void* ptr, int64_t elem_size) {
 }
 
 // As many blocks as the SMs hold at once (the compiled instance's occupancy: 4 to 6 blocks of
-// 256 threads on sm_80/sm_90 by `python -m lima_kernels.aot`), at most one per kVec x kThreads
+// 256 threads on sm_80/sm_90 by `python bench/aot.py`), at most one per kVec x kThreads
 // elements; then the grid-stride loop.
 template <typename Kernel>
 void launch_resident(Kernel kernel, const Args& a, int sms, cudaStream_t stream) {

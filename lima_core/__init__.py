@@ -10,7 +10,7 @@ from lima_core.checkpoint.hf import load_pretrained, save_pretrained
 from lima_core.config import TrainConfig
 from lima_core.data.tokenizer import Tokenizer
 from lima_core.inference.decode import generate
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 
 __all__ = ["Llama", "ModelConfig", "TrainConfig", "Tokenizer", "generate", "load_pretrained", "save_pretrained"]

@@ -29,7 +29,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """The dtype names a run's settings use, and the torch dtypes they mean."""
 DType = Literal["fp32", "bf16"]
 CHECKPOINTING = ("none", "block", "selective")
-"""Activation checkpointing policies (lima_core.checkpointing says what each keeps)."""
+"""Activation checkpointing policies (lima_core.parallel.checkpointing says what each keeps)."""
 
 
 class _Section(BaseModel):
@@ -54,7 +54,8 @@ class TrainConfig(_Section):
     data: str = "auto"
     """Training conversations, LIMA JSONL; auto: the bundled sample for a preset (a checkpoint needs its data named)."""
     dev_data: str = "auto"
-    """Dev conversations (LIMA used 50): dev loss and generations each epoch; auto: the bundled sample for a preset, none for a checkpoint; empty: none."""
+    """Dev conversations (LIMA used 50): dev loss and generations each epoch; auto: the bundled sample for a
+    preset, none for a checkpoint; empty: none."""
     epochs: int = Field(15, ge=1)
     """Passes over the training data."""
     batch_size: int = Field(0, ge=0)
@@ -199,3 +200,25 @@ class Config(_Section):
     @property
     def param_dtype(self) -> torch.dtype:
         return DTYPES[self.parallel.param_dtype or self.train.dtype]
+
+    # The other dtypes resolved, so the trainer hands torch dtypes on and never looks one up.
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Autocast's dtype (train.dtype)."""
+        return DTYPES[self.train.dtype]
+
+    @property
+    def reduce_dtype(self) -> torch.dtype:
+        """The dtype gradients are reduce-scattered in (parallel.reduce_dtype)."""
+        return DTYPES[self.parallel.reduce_dtype]
+
+    @property
+    def moment_dtype(self) -> torch.dtype:
+        """AdamW's moments (optim.moment_dtype)."""
+        return DTYPES[self.optim.moment_dtype]
+
+    @property
+    def export_dtype(self) -> torch.dtype | None:
+        """The exports' dtype (train.export_dtype); None for auto, which the initial checkpoint
+        decides (lima_core.train.prepare.export_dtype)."""
+        return None if self.train.export_dtype == "auto" else DTYPES[self.train.export_dtype]

@@ -1,6 +1,64 @@
-"""`python -m lima_core.serve`: the OpenAI-compatible server (lima_core.inference.serve)."""
+"""An OpenAI-compatible HTTP server for a checkpoint: chat completions, plain and streamed.
 
-from lima_core.inference.serve.cli import main
+    python -m lima_core.serve --checkpoint runs/lima/epoch-5 [--host 127.0.0.1] [--port 8000]
+
+The command line: it loads the checkpoint and serves it (lima_core.inference.serve: the HTTP API,
+the continuous-batching engine over the decode core), on this machine only unless --host says
+otherwise. docs/serving.md has the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from lima_core.checkpoint.hf import load_pretrained
+from lima_core.config import DTYPES
+from lima_core.data.tokenizer import Tokenizer
+from lima_core.inference.serve.api import create_app
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lima_core.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="an HF-format folder (e.g. runs/lima/epoch-5)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="dtype the weights are loaded and computed in (bf16 halves the memory)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    parser.add_argument("--model-name", help="the model's id in the API (default: the checkpoint folder's name)")
+    args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be at least 1, got {args.max_batch}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    args.model_name = args.model_name or Path(args.checkpoint).resolve().name
+    return args
+
+
+def server_config(app: FastAPI, args: argparse.Namespace) -> uvicorn.Config:
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model = load_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device)
+        tokenizer = Tokenizer(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:  # a bad checkpoint or tokenizer file
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app = create_app(model, tokenizer, model_name=args.model_name, max_batch=args.max_batch)
+    print(f"serving {args.model_name} ({args.checkpoint}, {args.dtype} on {args.device}, up to {args.max_batch} "
+          f"requests a batch) at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.Server(server_config(app, args)).run()
+
 
 if __name__ == "__main__":
     main()

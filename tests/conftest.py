@@ -4,10 +4,11 @@ TRITON_INTERPRET=0 to compile real CUDA kernels."""
 
 import os
 
+import pytest
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from helpers import HF_CONFIGS, make_hf_model  # noqa: E402
+from helpers import HF_CONFIGS, make_hf_model  # after the setdefault: through lima_core, helpers may import triton
 
 
 @pytest.fixture(params=list(HF_CONFIGS))

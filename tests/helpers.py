@@ -1,6 +1,6 @@
 """Helpers shared by the tests: small checkpoints written by `transformers` itself (the
-reference we test against), the one tiny lima-core model, the one torchrun launcher, and the
-error measure the parity targets are stated in."""
+reference we test against), the one tiny lima-core model, the one torchrun launcher, the
+error measure the parity targets are stated in, and the unsharded optimizer of the reference runs."""
 
 import io
 import os
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from lima_core.data.encode import IGNORE, Example
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
+from lima_core.train.optim import adamw
 
 ROOT = Path(__file__).parents[1]
 ASSETS = ROOT / "lima_core" / "assets"
@@ -93,6 +94,20 @@ def random_batches(n_steps: int, batch: int, vocab: int, seed: int = 0) -> list[
             examples.append(Example(ids, labels))
         out.append(examples)
     return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """An unsharded model's AdamW groups by the trainer's rule (FSDP.param_groups): weight decay on
+    matrices (linear and embedding weights), none on norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, **options):
+    """lima-core's AdamW (train.optim.adamw) over an unsharded model: the reference runs of the
+    training and FSDP tests."""
+    return adamw(param_groups(model, weight_decay), lr, betas, **options)
 
 
 # ---- bad inputs: a command's entry point run in-process, and what it wrote ----------------

@@ -7,10 +7,12 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lima_core.cli import load_config
+from lima_core.cli import _SECTIONS, load_config
 from lima_core.config import Config, ConfigError
-from lima_core.model.config import PRESETS, ModelConfig
+from lima_core.model.shapes import PRESETS, ModelConfig
 
 
 def test_defaults_are_the_lima_recipe():
@@ -46,7 +48,8 @@ def test_precedence_defaults_toml_flags(tmp_path):
 BAD_TOML = [
     # (file text, what the one-line error must say)
     ('[train]\nepochs = 3\nlearning_rate = 2e-5\n', "run.toml:3: unknown key 'learning_rate' in [train]"),
-    ('[train]\nepochs = 3\n\n[optim]\nlr = -1\n', "run.toml:5: optim.lr = -1: Input should be greater than or equal to 0"),
+    ('[train]\nepochs = 3\n\n[optim]\nlr = -1\n',
+     "run.toml:5: optim.lr = -1: Input should be greater than or equal to 0"),
     ('[trian]\nepochs = 3\n', "run.toml:1: unknown table [trian]"),
     ('[train]\ndtype = "fp16"\n', "run.toml:2: train.dtype = 'fp16': Input should be 'fp32' or 'bf16'"),
     ('[parallel]\ncheckpointing = "full"\n', "run.toml:2: parallel.checkpointing = 'full'"),
@@ -88,7 +91,8 @@ def test_a_bad_flag_is_named(argv, message):
 
 
 def test_the_trainer_exits_2_on_a_bad_flag_and_writes_nothing(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lima_core.train", "--epochs", "zero", "--out-dir", str(tmp_path / "r")],
+    result = subprocess.run([sys.executable, "-m", "lima_core.train", "--epochs", "zero",
+                             "--out-dir", str(tmp_path / "r")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--epochs" in result.stderr and not (tmp_path / "r").exists()
 
@@ -120,11 +124,6 @@ def test_presets_have_their_published_sizes():
 
 
 # ---- fuzzing: whatever the file or the flags say, a Config or a ConfigError, nothing else ----
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from lima_core.cli import _SECTIONS
 
 KEYS = [(section, key) for section, model in _SECTIONS.items() for key in model.model_fields]
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),

@@ -3,7 +3,7 @@
     python lima_core/assets/make_tokenizer.py
 
 A sentencepiece BPE model laid out as LLaMA's: <unk> 0, <s> 1, </s> 2, byte fallback, digits
-split, no normalization (newlines and spaces survive). EOT is not in it: lima_core.tokenizer
+split, no normalization (newlines and spaces survive). EOT is not in it: lima_core.data.tokenizer
 appends it, as it does for any real LLaMA tokenizer.
 """
 

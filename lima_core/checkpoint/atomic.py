@@ -34,13 +34,20 @@ def commit_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-@contextmanager
-def atomic_dir(final: str | Path):
-    """`with atomic_dir(path) as tmp:` fill tmp; on success it replaces path, on error it is removed."""
-    final = Path(final)
+def fresh_temp_dir(final: str | Path) -> Path:
+    """The temporary folder of `final`, created empty (what a crashed writer left there goes first)."""
     tmp = temp_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """`with atomic_dir(path) as tmp:` fill tmp; on success it replaces path, on error it is removed.
+    One process; checkpoint.sharded.collective_dir is the same for every rank of a group."""
+    final = Path(final)
+    tmp = fresh_temp_dir(final)
     try:
         yield tmp
     except BaseException:

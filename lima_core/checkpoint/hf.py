@@ -1,7 +1,8 @@
 """Hugging Face format: config.json + safetensors (one file or sharded with an index).
 
 The model keeps HF's rotate-half q/k layout, so import and export are renaming only (no
-permutation). Every export is written into a temporary folder and renamed into place.
+permutation). Every export is written into a temporary folder and renamed into place; the
+files, their names and the index are checkpoint.sharded's, for one process and for many alike.
 
 Loading checks the whole checkpoint before it reads a single tensor (`check_checkpoint`):
 config.json's fields, the index, and every safetensors header (present, floating point, the
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +25,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lima_core.checkpoint.atomic import atomic_dir, commit_dir, temp_path, write_json
+from lima_core.checkpoint.atomic import atomic_dir, write_json
+from lima_core.checkpoint.sharded import (
+    INDEX,
+    SAFETENSORS_METADATA,
+    collective_dir,
+    nbytes,
+    shard_files,
+    write_index,
+    write_shards,
+)
 from lima_core.config import SamplingConfig
-from lima_core.model.config import ModelConfig, RopeScaling
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig, RopeScaling
+from lima_core.parallel.fsdp import FSDP
 
 
 class CheckpointError(ValueError):
@@ -49,7 +59,8 @@ _BLOCK_KEYS = {
 }
 _TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
-_TO_OURS = {v: k for k, v in _TOP_KEYS.items()} | {f"model.layers.{{}}.{v}": f"layers.{{}}.{k}" for k, v in _BLOCK_KEYS.items()}
+_TO_OURS = {v: k for k, v in _TOP_KEYS.items()} | {f"model.layers.{{}}.{v}": f"layers.{{}}.{k}"
+                                                   for k, v in _BLOCK_KEYS.items()}
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
 
 
@@ -163,7 +174,6 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 # ---- reading a checkpoint: every header checked before any tensor is read ------------------
 
-INDEX = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")  # the rows a model may add (EOT)
@@ -346,7 +356,7 @@ def save_pretrained(model: Llama, path: str | Path, tokenizer=None, *, dtype: to
     dtype = dtype or model.tok_embeddings.weight.dtype
     with atomic_dir(path) as tmp:
         tensors = {hf_key(k): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-        _write_shards(tensors, tmp, max_shard_bytes)
+        write_shards(tensors, tmp, max_shard_bytes)
         _write_configs(tmp, model.cfg, dtype, tokenizer, sampling)
 
 
@@ -390,85 +400,34 @@ def generation_config(cfg: ModelConfig, tokenizer=None, sampling: SamplingConfig
             "repetition_penalty": sampling.repetition_penalty, "max_new_tokens": sampling.max_new_tokens}
 
 
-def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int):
-    shards, size = [[]], 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    if len(shards) == 1:
-        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, keys in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in keys}, directory / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(keys, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+# ---- sharded models (lima_core.parallel.fsdp): streaming export, sliced import -----------------------
 
 
-# ---- sharded models (lima_core.fsdp): streaming export, sliced import -----------------------
-
-
-def save_sharded(sharded, cfg: ModelConfig, path: str | Path, tokenizer=None, *, dtype: torch.dtype = torch.float32,
-                 sampling: SamplingConfig = SamplingConfig(), max_shard_bytes: int = 5 * 2**30):
+def save_sharded(sharded: FSDP, cfg: ModelConfig, path: str | Path, tokenizer=None, *,
+                 dtype: torch.dtype = torch.float32, sampling: SamplingConfig = SamplingConfig(),
+                 max_shard_bytes: int = 5 * 2**30):
     """Export a sharded model in HF format in `dtype`; a collective (every rank calls it).
 
     Units are gathered one at a time, already cast to `dtype`, and the safetensors files are
     written by the ranks in turn (file i by rank i mod world), so no rank holds more than one
     file's worth of tensors and the writing is spread over the ranks. Like the train state,
-    this needs the run folder on a filesystem every rank sees. The folder appears atomically.
+    this needs the run folder on a filesystem every rank sees. The folder appears atomically,
+    for every rank once this returns (sharded.collective_dir).
     """
-    path = Path(path)
-    files = _plan_files(sharded.units, torch.finfo(dtype).bits // 8, max_shard_bytes)
-    names = [_file_name(i, len(files)) for i in range(len(files))]
-    tmp = temp_path(path)
-    if sharded.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(sharded)
-    weight_map, total = {}, 0
-    for i, units in enumerate(files):
-        tensors = {}
-        for unit in units:  # a collective: every rank gathers every unit
-            tensors.update({hf_key(k): v.cpu() for k, v in sharded.full_tensors(unit, dtype).items()})
-        weight_map.update(dict.fromkeys(tensors, names[i]))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        if i % sharded.world == sharded.rank:
-            save_file(tensors, tmp / names[i], metadata={"format": "pt"})
-    _barrier(sharded)
-    if sharded.rank == 0:
-        if len(files) > 1:
-            write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_configs(tmp, cfg, dtype, tokenizer, sampling)
-        commit_dir(tmp, path)
-    _barrier(sharded)  # the export exists for every rank once this returns
-
-
-def _file_name(i: int, n: int) -> str:
-    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def _barrier(sharded):
-    if sharded.world > 1:
-        torch.distributed.barrier(group=sharded.group)
-
-
-def _plan_files(units, element_size: int, max_shard_bytes: int) -> list[list]:
-    """Units grouped into files of at most max_shard_bytes (a unit larger than that gets its own)."""
-    files, size = [[]], 0
-    for unit in units:
-        nbytes = unit.numel * element_size
-        if files[-1] and size + nbytes > max_shard_bytes:
-            files.append([])
-            size = 0
-        files[-1].append(unit)
-        size += nbytes
-    return files
+    files = shard_files([unit.numel * (torch.finfo(dtype).bits // 8) for unit in sharded.units], max_shard_bytes)
+    with collective_dir(path, sharded.rank, sharded.group) as tmp:
+        weight_map, total = {}, 0
+        for i, (name, members) in enumerate(files):
+            tensors = {}
+            for unit in (sharded.units[u] for u in members):  # a collective: every rank gathers every unit
+                tensors.update({hf_key(k): v.cpu() for k, v in sharded.full_tensors(unit, dtype).items()})
+            weight_map.update(dict.fromkeys(tensors, name))
+            total += sum(nbytes(t) for t in tensors.values())
+            if i % sharded.world == sharded.rank:
+                save_file(tensors, tmp / name, metadata=SAFETENSORS_METADATA)
+        if sharded.rank == 0:
+            write_index(tmp, weight_map, total)
+            _write_configs(tmp, cfg, dtype, tokenizer, sampling)
 
 
 _STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, **_FLOAT_DTYPES}
@@ -490,7 +449,7 @@ def checkpoint_dtype(path: str | Path) -> torch.dtype:
 
 
 @torch.no_grad()
-def load_sharded(sharded, path: str | Path):
+def load_sharded(sharded: FSDP, path: str | Path):
     """Fill a sharded model (built on the meta device) from an HF checkpoint, each rank reading
     only the rows its shards cover (safe_open + get_slice). Every header is checked first, so a
     bad checkpoint is refused before any shard is written. Rows beyond the checkpoint's

@@ -109,7 +109,8 @@ def fingerprint(data: str, dev_data: str, tokenizer_path: Path, model: str, batc
     """What a saved position in a run means something only with: the data (file digests), the
     tokenizer, the model, and the settings the batches and the schedule are derived from."""
     return {"data": file_digest(data), "dev_data": file_digest(dev_data) if dev_data else "",
-            "tokenizer": file_digest(tokenizer_path), "model": model if not Path(model).is_dir() else file_digest(model),
+            "tokenizer": file_digest(tokenizer_path),
+            "model": model if not Path(model).is_dir() else file_digest(model),
             "batch_size": batch_size, "max_len": max_len, "epochs": epochs, "seed": seed}
 
 

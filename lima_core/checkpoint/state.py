@@ -4,14 +4,14 @@
         rank-<r>.safetensors   per unit: "<unit>.param", "<unit>.exp_avg", "<unit>.exp_avg_sq",
                                rank r's fp32 slice of the unit's padded flat vector
         state.json             world size, unit sizes, optimizer step, and the trainer's Progress
-                               (step, finished epochs, history, tokens) and RNG states, written last
+                               (step, finished epochs, history, tokens) and RNG states, by rank 0
 
-Every rank writes its file into a shared temporary folder (lima_core.io's temporary name);
-after a barrier rank 0 writes state.json and renames the folder into place, so a folder named step-<k> is always complete
-and a crash at any point leaves the previous state loadable. Loading reads, for each unit,
-only the slices of the old ranks' files that overlap this rank's new range: the flat vectors
-are the same logical vectors whatever the world size, only their padding differs. No pickle:
-safetensors and JSON only.
+Every rank writes its file into one temporary folder (checkpoint.sharded.collective_dir), and
+once every rank is done rank 0 renames the folder into place, so a folder named step-<k> is
+always complete and a crash at any point leaves the previous state loadable. Loading reads, for
+each unit, only the slices of the old ranks' files that overlap this rank's new range: the flat
+vectors are the same logical vectors whatever the world size, only their padding differs. No
+pickle: safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lima_core.checkpoint.atomic import commit_dir, temp_path
+from lima_core.checkpoint.sharded import SAFETENSORS_METADATA, collective_dir
+from lima_core.parallel.fsdp import FSDP
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -55,32 +55,27 @@ class Progress:
         return entry
 
 
-def save_state(directory: str | Path, sharded, optimizer, progress: Progress, keep: int = 2,
+def save_state(directory: str | Path, sharded: FSDP, optimizer, progress: Progress, keep: int = 2,
                fingerprint: dict | None = None) -> Path:
     """Write the state of `progress.step` under directory/step-<step> with the RNG states and the
-    run's fingerprint (lima_core.run_folder; collective); returns the folder."""
+    run's fingerprint (lima_core.checkpoint.run_folder; collective); returns the folder."""
     directory = Path(directory)
     final = directory / f"step-{progress.step}"
-    tmp = temp_path(final)
-    if sharded.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(sharded)
-    save_file(_rank_tensors(sharded, optimizer), tmp / f"rank-{sharded.rank}.safetensors", metadata={"format": "pt"})
-    _barrier(sharded)
-    if sharded.rank == 0:
-        meta = {"step": progress.step, "world": sharded.world, "optimizer_step": _optimizer_step(optimizer),
-                "units": {u.name: u.numel for u in sharded.units}, "progress": asdict(progress), "rng": rng_state(),
-                "fingerprint": fingerprint or {}}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
-        commit_dir(tmp, final)
+    with collective_dir(final, sharded.rank, sharded.group) as tmp:
+        save_file(_rank_tensors(sharded, optimizer), tmp / f"rank-{sharded.rank}.safetensors",
+                  metadata=SAFETENSORS_METADATA)
+        if sharded.rank == 0:
+            meta = {"step": progress.step, "world": sharded.world, "optimizer_step": _optimizer_step(optimizer),
+                    "units": {u.name: u.numel for u in sharded.units}, "progress": asdict(progress),
+                    "rng": rng_state(), "fingerprint": fingerprint or {}}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if sharded.rank == 0:  # only once the new state is in place: a crash before leaves the old ones
         for old in complete_states(directory)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(sharded)
     return final
 
 
-def _rank_tensors(sharded, optimizer) -> dict[str, torch.Tensor]:
+def _rank_tensors(sharded: FSDP, optimizer) -> dict[str, torch.Tensor]:
     tensors = {}
     for unit in sharded.units:
         tensors[f"{unit.name}.param"] = unit.shard.detach().cpu().clone()
@@ -117,7 +112,8 @@ def unreadable(path: Path) -> str | None:
         for q in range(meta["world"]):
             with safe_open(str(path / f"rank-{q}.safetensors"), framework="pt", device="cpu") as f:
                 keys = set(f.keys())
-            missing = [f"{u}.{kind}" for u in meta["units"] for kind in ("param", *MOMENTS) if f"{u}.{kind}" not in keys]
+            missing = [f"{u}.{kind}" for u in meta["units"] for kind in ("param", *MOMENTS)
+                       if f"{u}.{kind}" not in keys]
             if missing:
                 return f"rank-{q}.safetensors lacks {missing[0]}"
     except (OSError, ValueError, TypeError, SafetensorError) as e:
@@ -139,7 +135,7 @@ def _step_of(path: Path) -> int:
 
 
 @torch.no_grad()
-def load_state(path: str | Path, sharded, optimizer) -> Progress:
+def load_state(path: str | Path, sharded: FSDP, optimizer) -> Progress:
     """Fill shards and optimizer moments from a saved state, resharding as needed, and restore
     the RNG states; returns the saved Progress. Every rank reads only the slices that overlap
     its own ranges."""
@@ -183,11 +179,6 @@ def _read_range(files, key: str, lo: int, hi: int) -> torch.Tensor:
     return out
 
 
-def _barrier(sharded):
-    if sharded.world > 1:
-        dist.barrier(group=sharded.group)
-
-
 def rng_state() -> dict:
     """The torch RNG states (CPU and, when present, CUDA) as base64 strings."""
     state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
@@ -197,7 +188,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict):
-    decode = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    def decode(s):
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
     torch.set_rng_state(decode(state["cpu"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])

@@ -22,7 +22,10 @@ def stats(conversations: list[Conversation], tokenizer, max_len: int, batch_size
     whole = [encode_conversation(tokenizer, c, sys.maxsize) for c in conversations]
     examples = [truncate(e, max_len) for e in whole]
     lengths = sorted(len(e.ids) for e in whole)
-    percentile = lambda p: lengths[math.ceil(p / 100 * len(lengths)) - 1]  # noqa: E731
+
+    def percentile(p):
+        return lengths[math.ceil(p / 100 * len(lengths)) - 1]
+
     lost = [c.line for c, e in zip(conversations, examples) if not has_target(e)]
     truncated = sum(n > max_len for n in lengths)
     turns = sum(len(c.turns) for c in conversations)

@@ -28,7 +28,9 @@ class Row:
         return int((self.labels != IGNORE).sum())
 
     def to(self, device) -> "Row":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        def move(t):
+            return t.to(device, non_blocking=True)
+
         return Row(move(self.tokens), move(self.labels), move(self.positions), move(self.cu_seqlens), self.max_seqlen)
 
 
@@ -61,17 +63,22 @@ def best_fit_decreasing(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def in_order(lengths: list[int], max_len: int) -> list[list[int]]:
-    """Indices of each row: a row closes when the next example would overflow max_len."""
-    rows: list[list[int]] = []
+def in_order(sizes: list[int], capacity: int) -> list[list[int]]:
+    """The indices of the items in each bin, in order: a bin closes when the next item would take
+    it past `capacity`, and an item larger than `capacity` gets a bin of its own. No items, no bins.
+
+    Examples into rows of at most max_len tokens (the packing best-fit decreasing is weighed
+    against), and tensors into safetensors files of at most max_shard_bytes
+    (checkpoint.sharded: the rule transformers shards by)."""
+    bins: list[list[int]] = []
     used = 0
-    for i, n in enumerate(lengths):
-        if not rows or used + n > max_len:
-            rows.append([])
+    for i, size in enumerate(sizes):
+        if not bins or used + size > capacity:
+            bins.append([])
             used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
+        bins[-1].append(i)
+        used += size
+    return bins
 
 
 def _row(examples: list[Example]) -> Row:

@@ -116,7 +116,8 @@ class Tokenizer:
         added = {str(self.eot_id): _added_token(EOT)}
         if self.kind == "sentencepiece":
             write_bytes(directory / "tokenizer.model", Path(self.path).read_bytes())
-            added.update({str(self.bos_id): _added_token(self.bos_token), str(self.eos_id): _added_token(self.eos_token)})
+            added.update({str(self.bos_id): _added_token(self.bos_token),
+                          str(self.eos_id): _added_token(self.eos_token)})
             unk = self._sp.unk_id()
             added[str(unk)] = _added_token(self._sp.id_to_piece(unk))
             # TokenizersBackend with legacy=True: transformers builds the tokenizer from the

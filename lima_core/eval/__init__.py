@@ -14,6 +14,8 @@ web page (section 4's study) and live Fail / Pass / Excellent labels of conversa
 
 Modules: generate (prompts and response files), client (the OpenAI-compatible endpoint, with
 retries), judge (templates, strict parsing, asking), store (the SQLite file), stats (bootstrap,
-agreement, Krippendorff's alpha, Bradley-Terry, Spearman), report, choose, annotate (the
-pairwise page), chat (the live-ratings page).
+agreement, Krippendorff's alpha, Bradley-Terry, Spearman), report (what the judgments say;
+its text, page and figure in report_text, report_html and report_figure), choose, annotate (the
+pairwise page), live_chat (the live-ratings page), web (what the served pages and the report's
+page share).
 """

@@ -46,7 +46,12 @@ def _judge_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lima_core.eval", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (_generate_command, _judge_commands, _report_command, _people_commands, _choose_command):
+        add_commands(commands)  # in this order: the order --help lists them in
+    return parser
 
+
+def _generate_command(commands) -> None:
     generate = commands.add_parser("generate", help="responses to a prompt set, one JSON line per (prompt, sample)")
     generate.add_argument("--prompts", required=True, help="JSONL prompts: LIMA's test format or conversations")
     generate.add_argument("--out", required=True, help="the responses' JSONL file (a rerun fills in what is missing)")
@@ -66,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the same as --max-new-tokens")
     _endpoint_flags(generate)
 
+
+def _judge_commands(commands) -> None:
     judge = commands.add_parser("judge", help="pairwise judgments of two systems' responses, both orders")
     judge.add_argument("responses_a", metavar="A.jsonl", help="the system under test's responses")
     judge.add_argument("responses_b", metavar="B.jsonl", help="the baseline's responses")
@@ -77,12 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     likert.add_argument("--db", required=True)
     _judge_flags(likert)
 
+
+def _report_command(commands) -> None:
     report = commands.add_parser("report", help="figure, page and table from a judgments database")
     report.add_argument("--db", required=True)
     report.add_argument("--out", required=True, help="folder for win_tie_loss.png, report.html, report.json")
     report.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the prompts (default 2000)")
     report.add_argument("--seed", type=int, default=0)
 
+
+def _people_commands(commands) -> None:
     annotate = commands.add_parser("annotate", help="a web page where people judge pairs of responses")
     annotate.add_argument("--db", required=True, help="the SQLite file the people's judgments are kept in")
     annotate.add_argument("--pairs", nargs=2, required=True, metavar=("A.jsonl", "B.jsonl"),
@@ -106,13 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--db", required=True)
     export.add_argument("--out", required=True, help="a .jsonl or .csv file")
 
+
+def _choose_command(commands) -> None:
     choose = commands.add_parser("choose", help="rank a run's epochs by a judge; write the choice in summary.json")
     choose.add_argument("run_dir", metavar="RUN_DIR")
     choose.add_argument("--db", help="the SQLite file (default: RUN_DIR/judgments.sqlite)")
     choose.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the prompts (default 1000)")
     choose.add_argument("--seed", type=int, default=0)
     _judge_flags(choose)
-    return parser
 
 
 def _at_least(value: int, minimum: int, flag: str) -> None:
@@ -182,30 +194,14 @@ def run_likert(args) -> None:
 
 
 def run_report(args) -> None:
-    from lima_core.eval.report import format_table, table_rows, write_report
+    from lima_core.eval.report import write_report
+    from lima_core.eval.report_text import summary_lines
 
     _at_least(args.bootstrap, 100, "--bootstrap")
     numbers = write_report(args.db, args.out, args.bootstrap, args.seed)
     if not numbers["comparisons"] and not numbers["likert"] and not numbers["live"]:
         print(f"{args.db}: no judgments or grades yet", file=sys.stderr)
-    if numbers["comparisons"]:
-        print(format_table(table_rows(numbers["comparisons"])))
-    for r in numbers["likert"]:
-        interval = f" [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] else ""
-        mean = "-" if r["mean"] is None else f"{r['mean']:.2f}{interval}"
-        print(f"likert {r['system']} ({r['rater']}): mean {mean} over {r['graded']} ({r['unparsed']} unparsed)")
-    from lima_core.eval.report import alpha_line
-
-    for r in numbers["agreement"]:
-        kappa = "-" if r["weighted_kappa"] is None else f"{r['weighted_kappa']:.3f}"
-        interval = f" [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}]" if r["interval"] else ""
-        print(f"agreement {' / '.join(r['raters'])} ({' / '.join(r['kinds'])}): tie-discounted accuracy "
-              f"{r['tie_discounted_accuracy']:.3f}{interval} on {r['items']} items, weighted kappa {kappa}")
-    if numbers["people_alpha"] is not None:
-        print(alpha_line(numbers["people_alpha"]))
-    from lima_core.eval.report import live_label_lines
-
-    for line in live_label_lines(numbers["live"], numbers["live_differences"]):
+    for line in summary_lines(numbers):
         print(line)
     print(f"wrote {Path(args.out) / 'report.html'}, win_tie_loss.png, report.json")
 

@@ -1,7 +1,7 @@
 """Live multi-turn ratings, LIMA section 6's way: a person talks with a served checkpoint (any
 OpenAI-compatible endpoint, e.g. lima_core.serve) and labels every reply Fail, Pass or Excellent.
 
-The page is the annotation page's kind (lima_core.eval.annotate): sign in with a name, a
+The page follows the annotation page's rules (lima_core.eval.web): sign in with a name, a
 private link, forms POSTed with the session's CSRF token, every text HTML-escaped under a
 strict Content-Security-Policy. The next message can be sent only once the last reply is
 labelled, so every reply gets its label. Conversations and labels are kept in the same
@@ -12,52 +12,33 @@ checkpoint and per turn index.
 from __future__ import annotations
 
 import html
-import secrets
-import threading
 from pathlib import Path
 from typing import Callable
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import RedirectResponse
+from fastapi import HTTPException
 
-from lima_core.eval import store
-from lima_core.eval.annotate import CSS, MAX_NAME, form, http_error, page, session_checks, sign_in_html
+from lima_core.eval import store, web
 
-# LIMA section 6's three labels, as the paper defines them.
-LABELS = {"fail": "Fail: the response did not meet the requirements of the prompt.",
-          "pass": "Pass: the response met the requirements of the prompt.",
-          "excellent": "Excellent: the model provided an excellent response to the prompt."}
 MAX_MESSAGE = 8000
-CHAT_CSS = CSS + ".turn { border-top: 1px solid #ddd; padding: 6px 0; } .label { font-weight: bold; }\n" \
-                 "textarea { width: 100%; height: 5em; }\n"
+CHAT_CSS = web.CSS + (".turn { border-top: 1px solid #ddd; padding: 6px 0; } .label { font-weight: bold; }\n"
+                      "textarea { width: 100%; height: 5em; }\n")
 
 
-class Chat:
+class Chat(web.PageState):
     """Conversations of signed-in people with one checkpoint; `reply` answers a list of
     OpenAI-style messages with the model's next message."""
 
     def __init__(self, db: str | Path, checkpoint: str, reply: Callable[[list[dict]], str]):
-        self.db, self.checkpoint, self.reply = str(db), checkpoint, reply
-        self.lock = threading.RLock()
-        store.connect(self.db).close()
-
-    def connect(self):
-        return store.connect(self.db)
+        super().__init__(db)
+        self.checkpoint, self.reply = checkpoint, reply
+        self.connect().close()  # the tables made at start, not at the first request
 
     def sign_in(self, name: str) -> str:
+        """A new person's private token; ValueError for a name taken."""
         with self.lock:
             conn = self.connect()
-            if conn.execute("SELECT 1 FROM annotators WHERE name = ? UNION SELECT 1 FROM judgments WHERE rater = ?",
-                            (name, name)).fetchone():
-                raise ValueError(f"the name {name!r} is taken; a signed-in person resumes by their private link")
-            token = secrets.token_urlsafe(24)
             with conn:
-                conn.execute("INSERT INTO annotators (name, token, csrf, created_at) VALUES (?, ?, ?, ?)",
-                             (name, token, secrets.token_urlsafe(24), store.now()))
-            return token
-
-    def annotator(self, token: str):
-        return self.connect().execute("SELECT * FROM annotators WHERE token = ?", (token,)).fetchone()
+                return store.add_annotator(conn, name, "person")
 
     def conversation(self, name: str) -> int | None:
         """The person's latest conversation with this checkpoint."""
@@ -124,22 +105,21 @@ def endpoint_reply(url: str, model: str, api_key: str = "", timeout: float = 120
 
 
 def conversation_html(chat: Chat, person, token: str) -> str:
-    csrf = html.escape(person["csrf"])
-    hidden = f"<input type='hidden' name='csrf' value='{csrf}'>"
-    definitions = "".join(f"<li>{html.escape(text)}</li>" for text in LABELS.values())
+    hidden = web.hidden_csrf(person)
+    definitions = "".join(f"<li>{html.escape(text)}</li>" for text in web.LABELS.values())
     parts = [f"<h1>Talk with {html.escape(chat.checkpoint)}</h1><p>Signed in as <b>{html.escape(person['name'])}"
              f"</b>. Label every reply:</p><ul>{definitions}</ul>"]
     turns = chat.turns(chat.conversation(person["name"]))
     for t in turns:
         if t["label"] is None:
             buttons = "".join(f"<button name='label' value='{label}' data-key='{key}'>{label.title()} ({key})</button>"
-                              for key, label in zip("123", LABELS))
+                              for key, label in zip("123", web.LABELS))
             label = (f"<form method='post' action='/c/{token}/label' class='choices'>{hidden}"
                      f"<input type='hidden' name='turn' value='{t['turn']}'>{buttons}</form>")
         else:
             label = f"<p class='label' id='label-{t['turn']}'>{html.escape(t['label'])}</p>"
-        parts.append(f"<div class='turn'><b>you</b><pre>\n{html.escape(t['user'])}</pre><b>model</b>"
-                     f"<pre class='reply' id='reply-{t['turn']}'>\n{html.escape(t['reply'])}</pre>{label}</div>")
+        reply = web.pre(t["reply"], f" class='reply' id='reply-{t['turn']}'")
+        parts.append(f"<div class='turn'><b>you</b>{web.pre(t['user'])}<b>model</b>{reply}{label}</div>")
     if not turns or turns[-1]["label"] is not None:
         parts.append(f"<form method='post' action='/c/{token}/say'>{hidden}<textarea name='text' required "
                      f"maxlength='{MAX_MESSAGE}'></textarea><button id='send'>Send</button></form>")
@@ -150,60 +130,35 @@ def conversation_html(chat: Chat, person, token: str) -> str:
 
 def create_chat_app(chat: Chat):
     """The FastAPI app of the live conversation page; its state is `chat`'s database."""
-    app = FastAPI(title="lima-core live ratings", docs_url=None, redoc_url=None, openapi_url=None)
-    signed_in, checked_form = session_checks(chat.annotator, max_body=4 * MAX_MESSAGE)
-    app.exception_handler(HTTPException)(http_error)
+    app = web.new_app("lima-core live ratings")
+    signed_in, checked_form = web.session_checks(chat.annotator, max_body=4 * MAX_MESSAGE)
     title = f"Talk with {chat.checkpoint}"
-
-    @app.get("/")
-    def home():
-        return page("Sign in", sign_in_html(title=title), css=CHAT_CSS)
-
-    @app.post("/signin")
-    async def sign_in(request: Request):
-        name = (await form(request)).get("name", "").strip()
-        if not name or len(name) > MAX_NAME or not name.isprintable():
-            return page("Sign in", sign_in_html(f"A name of 1 to {MAX_NAME} printable characters, please.", title),
-                        400, CHAT_CSS)
-        try:
-            token = chat.sign_in(name)
-        except ValueError as e:
-            return page("Sign in", sign_in_html(str(e), title), 409, CHAT_CSS)
-        return RedirectResponse(f"/c/{token}", status_code=303)
+    web.add_sign_in(app, chat.sign_in, "/c", title, CHAT_CSS)
+    action = web.form_actions(app, checked_form, "/c")
 
     @app.get("/c/{token}")
     def conversation(token: str):
-        return page(title, conversation_html(chat, signed_in(token), token), css=CHAT_CSS)
+        return web.page(title, conversation_html(chat, signed_in(token), token), css=CHAT_CSS)
 
-    @app.post("/c/{token}/say")
-    async def say(token: str, request: Request):
-        person, fields = await checked_form(request, token)
+    @action("/say")
+    def say(person, fields: dict[str, str]) -> None:
         text = fields.get("text", "").strip()
         if not text or len(text) > MAX_MESSAGE:
             raise HTTPException(400, f"a message of 1 to {MAX_MESSAGE} characters")
         try:
             chat.say(person["name"], text)
-        except ValueError as e:
-            raise HTTPException(409, str(e)) from None
+        except ValueError:
+            raise  # the last reply has no label yet: a 409 (form_actions)
         except Exception as e:  # the endpoint failed: nothing was stored
             raise HTTPException(502, f"the model's endpoint failed: {e}") from None
-        return RedirectResponse(f"/c/{token}", status_code=303)
 
-    @app.post("/c/{token}/label")
-    async def label(token: str, request: Request):
-        person, fields = await checked_form(request, token)
-        if fields.get("label") not in LABELS or not fields.get("turn", "").isdigit():
-            raise HTTPException(400, f"label must be one of {', '.join(LABELS)} and turn a number")
-        try:
-            chat.label(person["name"], int(fields["turn"]), fields["label"])
-        except ValueError as e:
-            raise HTTPException(409, str(e)) from None
-        return RedirectResponse(f"/c/{token}", status_code=303)
+    @action("/label")
+    def label(person, fields: dict[str, str]) -> None:
+        label, turn = web.choice_and_number(fields, "label", web.LABELS, "turn")
+        chat.label(person["name"], turn, label)
 
-    @app.post("/c/{token}/new")
-    async def new(token: str, request: Request):
-        person, _ = await checked_form(request, token)
+    @action("/new")
+    def new(person, fields: dict[str, str]) -> None:
         chat.new_conversation(person["name"])
-        return RedirectResponse(f"/c/{token}", status_code=303)
 
     return app

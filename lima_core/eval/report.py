@@ -8,15 +8,13 @@ a tie when they disagree (the judge's preference followed the position, not the 
 "unparsed" when any order's reply was unparsed: unparsed items are counted and shown apart,
 never as ties, and the win / tie / loss shares are over the parsed items.
 
-Writes into --out: win_tie_loss.png (LIMA Figure 1's stacked bars), report.html (one
-self-contained page: the figure inlined, the tables, and every prompt with both responses and
-each verdict) and report.json (every number); prints the table.
+write_report writes into --out: win_tie_loss.png (LIMA Figure 1's stacked bars, drawn by
+report_figure), report.html (one self-contained page, report_html) and report.json (every
+number); report_text turns the numbers into the tables and lines the command prints.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,9 +25,9 @@ import numpy as np
 
 from lima_core.checkpoint.atomic import save_figure, write_bytes, write_json
 from lima_core.eval import stats, store
-
-OUTCOME_OF = {"A": "win", "B": "loss", "tie": "tie"}
-COLORS = {"win": "#3a8f3a", "tie": "#b8b8b8", "loss": "#c0392b"}
+from lima_core.eval.report_figure import win_tie_loss_figure
+from lima_core.eval.report_html import render_page
+from lima_core.eval.web import LABELS
 
 
 @dataclass
@@ -63,7 +61,7 @@ def item_outcome(verdicts: list[str]) -> str:
     """win / tie / loss of system_a, or unparsed (see the module doc)."""
     if not verdicts or "unparsed" in verdicts:
         return "unparsed"
-    return OUTCOME_OF[verdicts[0]] if len(set(verdicts)) == 1 else "tie"
+    return stats.OUTCOME_OF[verdicts[0]] if len(set(verdicts)) == 1 else "tie"
 
 
 def load_items(conn) -> dict[tuple[str, str, str], list[Item]]:
@@ -236,8 +234,6 @@ def people_alpha(comparisons: dict[tuple, list[Item]]) -> dict | None:
 
 def _live_labels(conn) -> dict[str, tuple[np.ndarray, list]]:
     """checkpoint -> ([conversations, 3] label counts (fail, pass, excellent), its labelled turns)."""
-    from lima_core.eval.live_chat import LABELS
-
     rows = conn.execute("SELECT c.checkpoint, c.id AS conversation, t.turn, t.label FROM turns t "
                         "JOIN conversations c ON c.id = t.conversation WHERE t.label IS NOT NULL").fetchall()
     out = {}
@@ -253,8 +249,6 @@ def _live_labels(conn) -> dict[str, tuple[np.ndarray, list]]:
 def live_label_differences(conn, replicates: int, seed: int) -> list[dict]:
     """For every two checkpoints: the difference of each label's share (first minus second),
     with a 95% interval from resampling each checkpoint's conversations independently."""
-    from lima_core.eval.live_chat import LABELS
-
     labels = _live_labels(conn)
     out = []
     for first, second in combinations(sorted(labels), 2):
@@ -274,8 +268,6 @@ def live_label_stats(conn, replicates: int, seed: int) -> list[dict]:
     """The Fail / Pass / Excellent shares of each checkpoint's labelled replies (LIMA section 6),
     with bootstrap intervals over conversations (a conversation's turns are resampled together),
     and the counts per turn index."""
-    from lima_core.eval.live_chat import LABELS
-
     out = []
     for checkpoint, (matrix, mine) in _live_labels(conn).items():
         by_turn = defaultdict(lambda: dict.fromkeys(LABELS, 0))
@@ -290,230 +282,21 @@ def live_label_stats(conn, replicates: int, seed: int) -> list[dict]:
     return out
 
 
-def live_label_lines(live: list[dict], differences: list[dict] = ()) -> list[str]:
-    lines = []
-    for r in live:
-        shares = ", ".join(f"{label} {r['counts'][label]} ({_pct(r[label]['share'], r[label]['interval'])})"
-                           for label in ("fail", "pass", "excellent"))
-        lines.append(f"live {r['checkpoint']}: {r['labelled']} replies in {r['conversations']} conversations: {shares}")
-        for t in r["by_turn"]:
-            lines.append(f"  turn {t['turn'] + 1}: fail {t['fail']}, pass {t['pass']}, excellent {t['excellent']}")
-    for d in differences:
-        diffs = ", ".join(f"{label} {100 * d[label]['difference']:+.1f}"
-                          + (f" [{100 * d[label]['interval'][0]:+.1f}, {100 * d[label]['interval'][1]:+.1f}]"
-                             if d[label]["interval"] else "") for label in ("fail", "pass", "excellent"))
-        lines.append(f"live {d['checkpoints'][0]} minus {d['checkpoints'][1]} (share points): {diffs}")
-    return lines
-
-
-# ---- output ---------------------------------------------------------------------------------
-
-def _pct(share, interval=None) -> str:
-    if share is None or share != share:  # None or NaN
-        return "-"
-    text = f"{100 * share:.1f}%"
-    return text + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
-
-
-def table_rows(results: list[dict]) -> list[list[str]]:
-    header = ["system A", "vs system B", "rater", "items", "win [95% CI]", "tie [95% CI]", "loss [95% CI]",
-              "unparsed", "consistency"]
-    rows = [header]
-    for r in results:
-        consistency = r.get("position_consistency")
-        rows.append([r["system_a"], r["system_b"], r["rater"], str(r["items"]),
-                     *(_pct(r[o]["share"], r[o]["interval"]) for o in ("win", "tie", "loss")),
-                     str(r["counts"]["unparsed"]),
-                     f"{consistency['agree']}/{consistency['of']} ({_pct(consistency['share'])})" if consistency
-                     else "-"])
-    return rows
-
-
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-
-
-def win_tie_loss_figure(results: list[dict]):
-    """LIMA Figure 1: a stacked horizontal bar per comparison (win, tie, loss of system A), with
-    the 95% intervals of the win share (at the win/tie boundary, upper half of the bar) and of
-    the loss share (at the tie/loss boundary, lower half)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend to choose
-
-    fig = Figure(figsize=(8, 1.2 + 0.7 * max(len(results), 1)))
-    ax = fig.subplots()
-    labels = [f"{r['system_a']} vs {r['system_b']}\n(rater: {r['rater']}, n={r['items'] - r['counts']['unparsed']})"
-              for r in results]
-    for y, r in enumerate(results):
-        left = 0.0
-        for outcome in ("win", "tie", "loss"):
-            share = r[outcome]["share"] or 0.0
-            ax.barh(y, share, left=left, color=COLORS[outcome], edgecolor="white",
-                    label=outcome if y == 0 else None)
-            if share >= 0.06:
-                ax.text(left + share / 2, y, f"{100 * share:.0f}%", ha="center", va="center", fontsize=9)
-            left += share
-        # The intervals above and below the middle of the bar, clear of the percentages and of each other.
-        win, loss = r["win"], r["loss"]
-        if win["interval"]:
-            ax.errorbar(win["share"], y - 0.22, xerr=[[win["share"] - win["interval"][0]],
-                                                      [win["interval"][1] - win["share"]]],
-                        fmt="none", ecolor="black", capsize=3, lw=1)
-        if loss["interval"]:
-            boundary = 1 - loss["share"]
-            ax.errorbar(boundary, y + 0.22, xerr=[[loss["interval"][1] - loss["share"]],
-                                                  [loss["share"] - loss["interval"][0]]],
-                        fmt="none", ecolor="black", capsize=3, lw=1)
-    ax.set_yticks(range(len(results)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("share of parsed items (95% bootstrap intervals over prompts)")
-    if results:
-        ax.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    else:
-        ax.text(0.5, 0.5, "no pairwise judgments in this database", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return fig
-
-
-CSS = """
-body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 4px 8px; }
-th { background: #f2f2f2; } pre { white-space: pre-wrap; background: #f8f8f8; padding: 8px; margin: 4px 0; }
-.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
-.item { border-top: 2px solid #ddd; margin-top: 1.5em; }
-.win { color: #3a8f3a; } .loss { color: #c0392b; } .unparsed { color: #a05a00; font-weight: bold; }
-"""
-
-
-def _html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _question_html(prompt: dict) -> str:
-    parts = [] if prompt.get("system") is None else [f"<b>system</b><pre>{html.escape(prompt['system'])}</pre>"]
-    for i, turn in enumerate(prompt["turns"]):
-        parts.append(f"<b>{('user', 'assistant')[i % 2]}</b><pre>{html.escape(turn)}</pre>")
-    return "".join(parts)
-
-
-def items_html(comparisons: dict[tuple, list[Item]]) -> str:
-    """Every prompt of every pair of systems: the prompt, both responses, every rater's verdicts."""
-    by_pair = defaultdict(lambda: defaultdict(list))
-    for (a, b, _), items in sorted(comparisons.items()):
-        for item in items:
-            by_pair[a, b][item.prompt_id, item.sample].append(item)
-    parts = []
-    for (a, b), groups in by_pair.items():
-        parts.append(f"<h3>{html.escape(a)} (A) vs {html.escape(b)} (B)</h3>")
-        for (prompt_id, sample), items in sorted(groups.items()):
-            first = items[0]
-            verdicts = []
-            for item in items:
-                for row in item.rows:
-                    shown = "A's response first" if row["order_shown"] == "AB" else "B's response first"
-                    css = OUTCOME_OF.get(row["verdict"], "unparsed")
-                    verdicts.append(
-                        f"<li>{html.escape(item.rater)} ({html.escape(row['rater_kind'])}), {shown}: "
-                        f"<span class='{css}'>{html.escape(row['verdict'])}</span> <details><summary>reply "
-                        f"({row['attempts']} attempt(s))</summary><pre>{html.escape(row['raw_reply'])}</pre>"
-                        "</details></li>")
-                verdicts.append(f"<li><b>{html.escape(item.rater)}: {html.escape(item.outcome)}</b> for A</li>")
-            parts.append(
-                f"<div class='item'><p>prompt {html.escape(prompt_id)}, sample {sample}</p>"
-                f"{_question_html(first.prompt)}"
-                f"<div class='pair'><div><b>A: {html.escape(a)}</b><pre>{html.escape(first.response_a)}</pre></div>"
-                f"<div><b>B: {html.escape(b)}</b><pre>{html.escape(first.response_b)}</pre></div></div>"
-                f"<ul>{''.join(verdicts)}</ul></div>")
-    return "".join(parts)
-
-
-def bias_rows(results: list[dict]) -> list[list[str]]:
-    rows = [["system A", "vs system B", "rater", "first shown wins / decided", "ties", "longer wins / decided",
-             "mean chars A", "mean chars B"]]
-    for r in results:
-        p, n = r["position_bias"], r["length_bias"]
-        rows.append([r["system_a"], r["system_b"], r["rater"],
-                     f"{p['first_wins']}/{p['first_wins'] + p['second_wins']} ({_pct(p['first_wins_of_decided'])})",
-                     str(p["ties"]), f"{n['longer_wins']}/{n['judgments']} ({_pct(n['longer_wins_share'])})",
-                     f"{n['mean_chars_a']:.0f}" if n["mean_chars_a"] is not None else "-",
-                     f"{n['mean_chars_b']:.0f}" if n["mean_chars_b"] is not None else "-"])
-    return rows
-
-
-def alpha_line(alpha: dict | None) -> str:
-    if alpha is None:
-        return "Krippendorff's alpha across people: - (fewer than two people)"
-    value = "-" if alpha["alpha"] is None else f"{alpha['alpha']:.3f}"
-    return (f"Krippendorff's alpha (interval, loss < tie < win) across {len(alpha['raters'])} people "
-            f"({', '.join(alpha['raters'])}): {value} on {alpha['items']} items judged by two or more")
-
-
-def report_html(results, likert, agreement, comparisons, png: bytes, db: str, alpha: dict | None = None,
-                live: list[dict] = (), live_differences: list[dict] = ()) -> str:
-    image = base64.b64encode(png).decode()
-    live_html = (f"<pre>{html.escape(chr(10).join(live_label_lines(live, live_differences)))}</pre>" if live
-                 else "<p>No labelled conversations.</p>")
-    likert_rows = [["system", "rater", "graded", "unparsed", "mean grade (1-6) [95% CI]"]] + [
-        [r["system"], r["rater"], str(r["graded"]), str(r["unparsed"]),
-         "-" if r["mean"] is None else f"{r['mean']:.2f}" + (f" [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]"
-                                                           if r["interval"] else "")] for r in likert]
-    agreement_rows = [["raters", "kinds", "shared items", "tie-discounted accuracy [95% CI]", "weighted kappa"]] + [
-        [" / ".join(r["raters"]), " / ".join(r["kinds"]), str(r["items"]),
-         _pct(r["tie_discounted_accuracy"], r["interval"]),
-         "-" if r["weighted_kappa"] is None else f"{r['weighted_kappa']:.3f}"] for r in agreement]
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>lima-core evaluation</title><style>{CSS}</style></head><body>
-<h1>Evaluation: {html.escape(db)}</h1>
-<p>Win / tie / loss of system A against system B. An item is one prompt (and sample) judged by one rater in both
-orders; orders that disagree count as a tie; an item with an unparsed reply is counted apart, never as a tie.
-Intervals: 95% percentile bootstrap over prompts.</p>
-<img alt="win / tie / loss" src="data:image/png;base64,{image}">
-{_html_table(table_rows(results))}
-<h2>Judge behaviour</h2>
-<p>Position consistency: the share of items judged in both orders (both parsed) whose two verdicts agree.
-Position bias: how often the response shown first wins. Length bias: how often the longer response wins.</p>
-{_html_table(bias_rows(results))}
-<h2>Helpfulness (Likert, 1-6)</h2>
-{_html_table(likert_rows) if likert else "<p>No grades in this database.</p>"}
-<h2>Agreement between raters</h2>
-<p>On items both raters judged: 1 when they agree, 0.5 when exactly one says tie, 0 otherwise (LIMA's
-tie-discounted accuracy), and Cohen's kappa with linear weights over loss &lt; tie &lt; win.</p>
-{_html_table(agreement_rows) if agreement else "<p>No two raters share an item.</p>"}
-<p>{html.escape(alpha_line(alpha))}. The majority of people: the outcome more than half of the people who judged an
-item gave (items without one left out).</p>
-<h2>Live conversations (Fail / Pass / Excellent)</h2>
-{live_html}
-<h2>Every prompt</h2>
-<p>Each verdict names the better system (A, B, tie or unparsed) whichever order the responses were shown in;
-the reply itself names the positions the rater saw.</p>
-{items_html(comparisons)}
-</body></html>
-"""
-
-
 def write_report(db: str | Path, out: str | Path, replicates: int = 2000, seed: int = 0) -> dict:
     """Read the database, write the figure, page and numbers into `out`; returns the numbers."""
     conn = store.connect(db, create=False)
     comparisons = load_items(conn)
     results = [{"system_a": a, "system_b": b, "rater": rater, **comparison_stats(items, replicates, seed)}
                for (a, b, rater), items in sorted(comparisons.items())]
-    likert = likert_stats(conn, replicates, seed)
-    agreement = agreement_stats(comparisons, replicates, seed)
-    alpha = people_alpha(comparisons)
-    live = live_label_stats(conn, replicates, seed)
-    live_differences = live_label_differences(conn, replicates, seed)
+    numbers = {"comparisons": results, "likert": likert_stats(conn, replicates, seed),
+               "agreement": agreement_stats(comparisons, replicates, seed), "people_alpha": people_alpha(comparisons),
+               "live": live_label_stats(conn, replicates, seed),
+               "live_differences": live_label_differences(conn, replicates, seed),
+               "bootstrap": {"replicates": replicates, "seed": seed, "level": 0.95}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fig = win_tie_loss_figure(results)
-    save_figure(fig, out / "win_tie_loss.png")
+    save_figure(win_tie_loss_figure(results), out / "win_tie_loss.png")
     png = (out / "win_tie_loss.png").read_bytes()
-    page = report_html(results, likert, agreement, comparisons, png, str(db), alpha, live, live_differences)
-    write_bytes(out / "report.html", page.encode())
-    numbers = {"comparisons": results, "likert": likert, "agreement": agreement,
-               "people_alpha": alpha, "live": live, "live_differences": live_differences,
-               "bootstrap": {"replicates": replicates, "seed": seed, "level": 0.95}}
+    write_bytes(out / "report.html", render_page(numbers, comparisons, png, str(db)).encode())
     write_json(out / "report.json", numbers)
     return numbers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 OUTCOMES = ("loss", "tie", "win")  # ordinal: a loss < a tie < a win (of the system under test)
+OUTCOME_OF = {"A": "win", "B": "loss", "tie": "tie"}  # a verdict (store.py's) -> the outcome for system_a
 
 
 def bootstrap_sums(per_prompt: np.ndarray, replicates: int = 2000, seed: int = 0) -> np.ndarray:

@@ -52,12 +52,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-SCHEMA = """
+# One pair of responses to one prompt in the order shown: the columns a judgment and an
+# assignment both name their item by.
+PAIR_SHOWN = """\
+    prompt_id TEXT NOT NULL,
+    sample INTEGER NOT NULL,
+    system_a TEXT NOT NULL,
+    system_b TEXT NOT NULL,
+    response_a TEXT NOT NULL REFERENCES responses(hash),
+    response_b TEXT NOT NULL REFERENCES responses(hash),
+    order_shown TEXT NOT NULL CHECK (order_shown IN ('AB', 'BA')),"""
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS responses (
     hash TEXT PRIMARY KEY,
     system TEXT NOT NULL,
@@ -68,13 +80,7 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE TABLE IF NOT EXISTS judgments (
     id INTEGER PRIMARY KEY,
-    prompt_id TEXT NOT NULL,
-    sample INTEGER NOT NULL,
-    system_a TEXT NOT NULL,
-    system_b TEXT NOT NULL,
-    response_a TEXT NOT NULL REFERENCES responses(hash),
-    response_b TEXT NOT NULL REFERENCES responses(hash),
-    order_shown TEXT NOT NULL CHECK (order_shown IN ('AB', 'BA')),
+{PAIR_SHOWN}
     rater TEXT NOT NULL,
     rater_kind TEXT NOT NULL CHECK (rater_kind IN ('model', 'person')),
     template_hash TEXT NOT NULL,
@@ -110,13 +116,7 @@ CREATE TABLE IF NOT EXISTS annotators (
 CREATE TABLE IF NOT EXISTS assignments (
     annotator TEXT NOT NULL REFERENCES annotators(name),
     position INTEGER NOT NULL,
-    prompt_id TEXT NOT NULL,
-    sample INTEGER NOT NULL,
-    system_a TEXT NOT NULL,
-    system_b TEXT NOT NULL,
-    response_a TEXT NOT NULL REFERENCES responses(hash),
-    response_b TEXT NOT NULL REFERENCES responses(hash),
-    order_shown TEXT NOT NULL CHECK (order_shown IN ('AB', 'BA')),
+{PAIR_SHOWN}
     PRIMARY KEY (annotator, position),
     UNIQUE (annotator, prompt_id, sample, system_a, system_b)
 );
@@ -190,47 +190,71 @@ def add_response(conn: sqlite3.Connection, response: Response) -> str:
     return key
 
 
+def add_annotator(conn: sqlite3.Connection, name: str, who: str = "annotator") -> str:
+    """A new person's private token, their row written (in the caller's transaction) with the CSRF
+    token their forms carry; ValueError for a name taken by a person or a model (the message
+    tells the `who` signed in before to resume by their private link)."""
+    if conn.execute("SELECT 1 FROM annotators WHERE name = ? UNION SELECT 1 FROM judgments WHERE rater = ?",
+                    (name, name)).fetchone():
+        raise ValueError(f"the name {name!r} is taken; a signed-in {who} resumes by their private link")
+    token = secrets.token_urlsafe(24)
+    conn.execute("INSERT INTO annotators (name, token, csrf, created_at) VALUES (?, ?, ?, ?)",
+                 (name, token, secrets.token_urlsafe(24), now()))
+    return token
+
+
+def annotator_of(conn: sqlite3.Connection, token: str) -> sqlite3.Row | None:
+    """The annotator row of a private token, or None (compared by the database: tokens are random
+    and 32 characters long, so a timing side channel leaks nothing usable)."""
+    return conn.execute("SELECT * FROM annotators WHERE token = ?", (token,)).fetchone()
+
+
+def _stored(conn: sqlite3.Connection, table: str, key_columns: tuple, key: dict, column: str = "1"):
+    """`column` of the row of `table` whose cache key (its UNIQUE columns) is `key`, or None."""
+    where = " AND ".join(f"{k} = ?" for k in key_columns)
+    return conn.execute(f"SELECT {column} FROM {table} WHERE {where}", [key[k] for k in key_columns]).fetchone()
+
+
+def _add(conn: sqlite3.Connection, table: str, columns: list[str], row: dict) -> None:
+    """One row of `table` (created_at filled in when absent), committed at once so an
+    interrupted run keeps every row made."""
+    row = {"created_at": now(), "latency_s": None, **row}
+    with conn:
+        conn.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                     [row[c] for c in columns])
+
+
 JUDGMENT_KEY = ("prompt_id", "sample", "system_a", "system_b", "response_a", "response_b", "order_shown", "rater",
                 "template_hash")
 
 
 def has_judgment(conn: sqlite3.Connection, key: dict) -> bool:
     """Whether a judgment with this cache key (JUDGMENT_KEY's fields) is stored."""
-    where = " AND ".join(f"{k} = ?" for k in JUDGMENT_KEY)
-    return conn.execute(f"SELECT 1 FROM judgments WHERE {where}", [key[k] for k in JUDGMENT_KEY]).fetchone() is not None
+    return _stored(conn, "judgments", JUDGMENT_KEY, key) is not None
 
 
 def judgment_verdict(conn: sqlite3.Connection, key: dict) -> str | None:
     """The verdict stored under this cache key, or None."""
-    where = " AND ".join(f"{k} = ?" for k in JUDGMENT_KEY)
-    row = conn.execute(f"SELECT verdict FROM judgments WHERE {where}", [key[k] for k in JUDGMENT_KEY]).fetchone()
+    row = _stored(conn, "judgments", JUDGMENT_KEY, key, "verdict")
     return None if row is None else row["verdict"]
 
 
 def add_judgment(conn: sqlite3.Connection, row: dict) -> None:
     """One judgment row (every column but id; created_at filled in when absent), committed at once
     so an interrupted run keeps every judgment made."""
-    row = {"created_at": now(), "latency_s": None, **row}
-    columns = [*JUDGMENT_KEY, "rater_kind", "raw_reply", "verdict", "attempts", "latency_s", "created_at"]
-    with conn:
-        conn.execute(f"INSERT INTO judgments ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                     [row[c] for c in columns])
+    _add(conn, "judgments", [*JUDGMENT_KEY, "rater_kind", "raw_reply", "verdict", "attempts", "latency_s",
+                             "created_at"], row)
 
 
 LIKERT_KEY = ("prompt_id", "sample", "system", "response", "rater", "template_hash")
 
 
 def has_grade(conn: sqlite3.Connection, key: dict) -> bool:
-    where = " AND ".join(f"{k} = ?" for k in LIKERT_KEY)
-    return conn.execute(f"SELECT 1 FROM likert WHERE {where}", [key[k] for k in LIKERT_KEY]).fetchone() is not None
+    return _stored(conn, "likert", LIKERT_KEY, key) is not None
 
 
 def add_grade(conn: sqlite3.Connection, row: dict) -> None:
-    row = {"created_at": now(), "latency_s": None, **row}
-    columns = [*LIKERT_KEY, "rater_kind", "raw_reply", "grade", "attempts", "latency_s", "created_at"]
-    with conn:
-        conn.execute(f"INSERT INTO likert ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                     [row[c] for c in columns])
+    _add(conn, "likert", [*LIKERT_KEY, "rater_kind", "raw_reply", "grade", "attempts", "latency_s", "created_at"], row)
 
 
 def latest_judgments(conn: sqlite3.Connection) -> list[sqlite3.Row]:

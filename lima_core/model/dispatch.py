@@ -5,7 +5,7 @@ the model's `kernels` choice (`Llama(cfg, kernels=...)`): "triton" runs the Trit
 reference (`lima_kernels.reference`: HF numerics, differentiable, any device), and "auto" the
 kernel on CUDA tensors and the reference elsewhere. Both compute the same function, dropout
 masks included: the reference draws Triton's Philox stream bit for bit with
-`lima_core.philox_uniform.uniform` (the native CPU op when lima_core/_C.so is built, else the
+`lima_core.native.philox_uniform.uniform` (the native CPU op when lima_core/_C.so is built, else the
 plain-torch emulation, which gives the same bits).
 """
 

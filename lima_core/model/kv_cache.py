@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lima_core.model.config import ModelConfig
+from lima_core.model.shapes import ModelConfig
 
 
 class KVCache:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lima_core.model import dispatch
 from lima_core.model.attention import attention
-from lima_core.model.config import ModelConfig
+from lima_core.model.shapes import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -38,7 +38,8 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(in_band, blended, scaled)
@@ -110,7 +111,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, dropout_seed=None, cache=None):
         p = self.dropout if self.training and dropout_seed is not None else 0.0
-        seeds = (dispatch.mix_seed(dropout_seed, self.layer_id, 0), dispatch.mix_seed(dropout_seed, self.layer_id, 1)) if p else (0, 0)
+        seeds = ((dispatch.mix_seed(dropout_seed, self.layer_id, 0), dispatch.mix_seed(dropout_seed, self.layer_id, 1))
+                 if p else (0, 0))
         attn_out = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache)
         # One pass: the new residual h and its normalized copy for the MLP.
         h, normed = dispatch.dropout_add_rms_norm(attn_out, x, self.mlp_norm.weight, p, seeds[0], self.mlp_norm.eps,
@@ -170,7 +172,8 @@ class Llama(nn.Module):
         stds = {}
         for prefix, module in self.named_modules():
             for name, _ in module.named_parameters(recurse=False):
-                stds[f"{prefix}.{name}" if prefix else name] = None if isinstance(module, RMSNorm) else self.cfg.init_std
+                key = f"{prefix}.{name}" if prefix else name
+                stds[key] = None if isinstance(module, RMSNorm) else self.cfg.init_std
         return stds
 
     def init_buffers(self):

@@ -2,7 +2,7 @@
 
 `fully_shard(root, units, group)` shards whatever list of units it is given (a `UnitSpec`: a
 name, the modules whose parameters it holds in forward order, and two flags) and names nothing
-of the model; lima_core.parallelize builds LLaMA's list. A unit's parameters are laid end to end
+of the model; lima_core.parallel.parallelize builds LLaMA's list. A unit's parameters are laid end to end
 in one logical flat vector (weight-decayed matrices first, then vectors), padded to a multiple
 of the world size and split evenly: rank r keeps elements [r * S, (r + 1) * S) as its fp32
 master shard. The optimizer steps only shards. A parameter shared by two modules of a unit (a
@@ -22,7 +22,7 @@ The model stays pure: FSDP removes the unit's nn.Parameters from the modules and
 attributes of the same names that are views into the gathered buffer; forward hooks and a
 gradient hook on what the unit's last module returns drive the collectives.
 
-Public interface for saving, loading and exporting (lima_core.state and lima_core.hf use only
+Public interface for saving, loading and exporting (lima_core.checkpoint.state and lima_core.checkpoint.hf use only
 this): `FSDP.units`; a `Unit`'s `name`, `numel`, `slots` (each parameter's state-dict name,
 shape and offset in the flat vector), `local_range`, `shard`, `pieces` (optimizer parameters
 with their offset in the shard) and `write_range` (load part of the flat vector);
@@ -255,7 +255,7 @@ class FSDP:
 
     def param_copies(self) -> dict[nn.Parameter, torch.Tensor]:
         """{optimizer parameter: its compute-dtype copy} for an optimizer that writes the copy in
-        the same pass as the update (lima_core.fused_adamw); empty when gathering in fp32."""
+        the same pass as the update (lima_core.native.adamw); empty when gathering in fp32."""
         return {p.param: u.copy[p.offset:p.offset + p.param.numel()]
                 for u in self.units if u.copy is not None for p in u.pieces}
 
@@ -286,9 +286,6 @@ class FSDP:
             flat = torch.empty(unit.shard_numel * unit.world, dtype=dtype, device=unit.shard.device)
             _all_gather(flat, send, group=self.group)
         return {s.name: flat[s.offset:s.offset + s.numel].view(s.shape).clone() for s in unit.slots}
-
-    def state_dict_names(self) -> list[str]:
-        return [s.name for u in self.units for s in u.slots]
 
 
 def fully_shard(root: nn.Module, units: list[UnitSpec], group=None, *, device: torch.device | str | None = None,

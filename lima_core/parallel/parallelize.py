@@ -1,13 +1,12 @@
 """`parallelize(model, ...)`: training transformations applied to a pure Llama from outside.
 
-Order: 1. optional torch.compile of each Block's forward (innermost, so compiled code sees
-plain tensors only); 2. activation checkpointing wraps that forward; 3. FSDP removes the
-parameters into sharded flat units and hooks gather/free/reduce-scatter around each unit,
-outside the checkpointed region, so a recomputed forward finds the block already gathered
-(by the gradient hook on its output) and never gathers twice. compile is untested here.
+Order: 1. activation checkpointing wraps each Block's forward; 2. FSDP removes the parameters
+into sharded flat units and hooks gather/free/reduce-scatter around each unit, outside the
+checkpointed region, so a recomputed forward finds the block already gathered (by the gradient
+hook on its output) and never gathers twice. The blocks run eagerly (no torch.compile).
 
-`llama_units` is LLaMA's unit list, read by FSDP and by the planner (lima_core.plan) alike.
-`init_distributed` / `destroy_distributed` start and end the ranks torchrun launched.
+`llama_units` is LLaMA's unit list, read by FSDP and by the planner (lima_core.parallel.plan) alike.
+The process groups themselves are lima_core.parallel.distributed's.
 """
 
 from __future__ import annotations
@@ -43,12 +42,8 @@ def unit_numels(units: list[UnitSpec]) -> list[int]:
 
 
 def parallelize(model: Llama, *, group=None, checkpointing: str = "block", device=None,
-                param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
-                compile: bool = False) -> FSDP:
-    """Compile (optional), checkpointing, then FSDP over `group` (None: one process)."""
-    if compile:
-        for block in model.layers:
-            block.forward = torch.compile(block.forward)
+                param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32) -> FSDP:
+    """Activation checkpointing, then FSDP over `group` (None: one process)."""
     apply_checkpointing(model.layers, checkpointing)
     return fully_shard(model, llama_units(model), group, device=device, param_dtype=param_dtype,
                        reduce_dtype=reduce_dtype)

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from lima_core.config import CHECKPOINTING, DTYPES, ConfigError, TrainConfig
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 from lima_core.parallel.parallelize import llama_units, unit_numels
 
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}

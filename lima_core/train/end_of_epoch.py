@@ -5,25 +5,32 @@ loss (the mean over every assistant token of the dev set) and dev generations wi
 sampling settings. Both are spread over the ranks: each rank runs its share of the packed dev
 rows, and decodes its share of the dev prompts as one batch, so a decode step gathers each FSDP
 unit once for everyone. The selection window (LIMA's epochs 5-10 of 15, scaled to the run) and
-the default choice in it.
+the default choice in it; at the run's end, the summary that records the choice (a judge's, where
+one is configured), the loss curve, and the choice printed.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
 from lima_core.checkpoint.atomic import write_json
 from lima_core.checkpoint.hf import save_sharded
-from lima_core.config import DTYPES, SamplingConfig, TrainConfig
+from lima_core.checkpoint.state import Progress
+from lima_core.config import SamplingConfig, TrainConfig
 from lima_core.data.encode import Example
 from lima_core.data.formats import Conversation
 from lima_core.data.packing import shard_batch
 from lima_core.inference.decode import answers
 from lima_core.model.dispatch import mix_seed
+from lima_core.parallel.fsdp import FSDP
+from lima_core.train.metrics import plot_losses
 from lima_core.train.prepare import Run
 
 
-def end_of_epoch(run: Run, sharded, epoch: int) -> dict:
+def end_of_epoch(run: Run, sharded: FSDP, epoch: int) -> dict:
     """The HF export, dev loss and (in the selection window) the dev generations of an epoch.
     Collective: every rank runs its share of the dev forwards (they gather parameters)."""
     cfg, device = run.cfg, run.dist.device
@@ -32,7 +39,7 @@ def end_of_epoch(run: Run, sharded, epoch: int) -> dict:
     if cfg.train.export_epochs == "all" or first <= epoch <= last or epoch == cfg.train.epochs:
         export = run.out / f"epoch-{epoch}"
         save_sharded(sharded, run.model.cfg, export, run.tokenizer, dtype=run.export_dtype, sampling=cfg.sampling)
-    loss = dev_loss(run.model, run.dev_examples, cfg.train.max_len, device, DTYPES[cfg.train.dtype],
+    loss = dev_loss(run.model, run.dev_examples, cfg.train.max_len, device, cfg.compute_dtype,
                     run.dist.rank, run.dist.world, run.dist.group) if run.dev else None
     info = {"epoch": epoch, "export": None if export is None else str(export), "dev_loss": loss}
     if run.dev and first <= epoch <= last:
@@ -79,6 +86,28 @@ def dev_generations(model, tokenizer, conversations: list[Conversation], samplin
         mine = [every[i % world][i // world] for i in range(len(conversations))]
     return [{"prompt": c.turns[:-1], "system": c.system, "reference": c.turns[-1], "answer": reply}
             for c, reply in zip(conversations, mine)]
+
+
+def finish(run: Run, progress: Progress):
+    """The run's end, on rank 0: summary.json with the default choice, loss.png, the judge's
+    choice where one is configured, and the choice printed with its first dev generation."""
+    if run.dist.rank != 0:
+        return
+    t = run.cfg.train
+    summary = summarize(progress, selection_window(t))
+    write_json(run.out / "summary.json", summary)
+    if t.plot:
+        plot_losses(progress.history, progress.epochs, run.out / "loss.png")
+    if t.judge_url and run.dev:
+        problem = judge_choice(run)
+        if problem:
+            run.say(f"warning: the judge could not choose ({problem}); the dev-loss choice stands")
+        summary = json.loads((run.out / "summary.json").read_text())
+    print(f"chosen checkpoint: {summary['checkpoint']} ({summary['reason']})")
+    chosen = next(e for e in summary["epochs"] if e["epoch"] == summary["chosen_epoch"])
+    if "generations" in chosen:
+        first = json.loads(Path(chosen["generations"]).read_text())[0]
+        print(f"\nuser> {first['prompt'][-1]}\nlima> {first['answer']}")
 
 
 def judge_choice(run: Run) -> str | None:

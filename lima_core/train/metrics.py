@@ -1,5 +1,6 @@
 """What a run logs: one JSON object a step in metrics.jsonl (and TensorBoard scalars when
-asked), written by rank 0 only, and the loss curve at the end.
+asked) and a progress bar with a line per epoch, written by rank 0 only, and the loss curve at
+the end.
 
 `MetricsLogger` is a context manager, so the file is closed on every exit, a diverged run's
 included. On the other ranks it is a no-op, which keeps `if rank == 0:` out of the loop.
@@ -8,7 +9,10 @@ included. On the other ranks it is a no-op, which keeps `if rank == 0:` out of t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from lima_core.checkpoint.atomic import save_figure
 
@@ -17,11 +21,14 @@ class MetricsLogger:
     """`with MetricsLogger(run_dir, enabled=rank == 0, history=...) as log: log.step(record)`.
 
     `history` (the records of a resumed run) is written first, so metrics.jsonl always holds
-    every step of the run once."""
+    every step of the run once. With `total_steps`, a progress bar named `name` on stderr shows
+    each step's loss, learning rate and throughput, and each epoch's end prints a line."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, history: list[dict] = (), tensorboard: bool = False):
+    def __init__(self, run_dir: Path, *, enabled: bool, history: list[dict] = (), tensorboard: bool = False,
+                 name: str = "", total_steps: int | None = None):
         self.run_dir, self.enabled, self.history, self.tensorboard = Path(run_dir), enabled, list(history), tensorboard
-        self._file = self._writer = None
+        self.name, self.total_steps = name, total_steps
+        self._file = self._writer = self._bar = self._last = None
 
     def __enter__(self) -> "MetricsLogger":
         if self.enabled:
@@ -33,13 +40,21 @@ class MetricsLogger:
             for record in self.history:
                 self._write(record, flush=False)
             self._file.flush()
+            if self.total_steps is not None:
+                self._bar = tqdm(total=self.total_steps, initial=len(self.history), desc=self.name, unit="step",
+                                 dynamic_ncols=True, file=sys.stderr)
         return self
 
     def step(self, record: dict) -> None:
         if self.enabled:
             self._write(record, flush=True)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}")
+            self._bar.update()
 
     def _write(self, record: dict, flush: bool) -> None:
+        self._last = record
         self._file.write(json.dumps(record) + "\n")
         if flush:
             self._file.flush()
@@ -50,8 +65,13 @@ class MetricsLogger:
     def epoch(self, record: dict) -> None:
         if self._writer is not None and record.get("dev_loss") is not None:
             self._writer.add_scalar("dev/loss", record["dev_loss"], record["epoch"])
+        if self._bar is not None:  # tqdm.write: stdout, above the bar
+            self._bar.write(f"epoch {record['epoch']}: train loss {self._last['loss']:.4f}, "
+                            f"dev loss {record['dev_loss']}")
 
     def __exit__(self, *exc) -> bool:
+        if self._bar is not None:  # its line ended, also on a stop
+            self._bar.close()
         if self._file is not None:
             self._file.close()
         if self._writer is not None:

@@ -8,17 +8,6 @@ import sys
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights), none on norm weights."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, **options):
-    return adamw(param_groups(model, weight_decay), lr, betas, **options)
-
-
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], *, fused: bool = True,
           moment_dtype: torch.dtype = torch.float32, copies: dict | None = None) -> torch.optim.Optimizer:
     """AdamW over prepared parameter groups (e.g. FSDP.param_groups: the shards only).

@@ -4,6 +4,7 @@ encoded conversations, all read and validated before anything is written (`prepa
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -13,12 +14,12 @@ import torch
 
 from lima_core.checkpoint.hf import check_checkpoint, checkpoint_dtype, read_config
 from lima_core.checkpoint.run_folder import fingerprint
-from lima_core.config import DTYPES, Config, ConfigError, TrainConfig
+from lima_core.config import Config, ConfigError
 from lima_core.data.encode import Example, check_targets, encode_conversation
 from lima_core.data.formats import Conversation, read_conversations
 from lima_core.data.tokenizer import BUNDLED_TOKENIZER, Tokenizer
-from lima_core.model.config import PRESETS, ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import PRESETS, ModelConfig
 from lima_core.parallel.distributed import Distributed
 
 
@@ -43,6 +44,19 @@ class Run:
     fingerprint: dict
     """What a saved position depends on (run_folder.fingerprint), recorded in every train state."""
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.train.epochs
+
+    def say(self, message: str):
+        """A line on stderr from rank 0."""
+        if self.dist.rank == 0:
+            print(f"lima-core: {message}", file=sys.stderr)
+
 
 def prepare(cfg: Config, dist: Distributed) -> Run:
     """Read the data, the tokenizer and the model; raises DataError/ConfigError on bad input."""
@@ -58,8 +72,8 @@ def prepare(cfg: Config, dist: Distributed) -> Run:
         raise ConfigError(f"--max-len {t.max_len} is beyond the model's context ({model.cfg.max_seq_len} positions)")
     n_params = model.cfg.num_params()
     model.set_residual_dropout(t.residual_dropout(n_params))
-    encode = lambda c: encode_conversation(tokenizer, c, t.max_len)  # noqa: E731
-    train_examples, dev_examples = [encode(c) for c in train], [encode(c) for c in dev]
+    train_examples = [encode_conversation(tokenizer, c, t.max_len) for c in train]
+    dev_examples = [encode_conversation(tokenizer, c, t.max_len) for c in dev]
     for conversations, examples in ((train, train_examples), (dev, dev_examples)):
         warning = check_targets(conversations, examples, t.max_len)  # DataError when none keeps a target
         if warning and dist.rank == 0:
@@ -67,7 +81,7 @@ def prepare(cfg: Config, dist: Distributed) -> Run:
     batch_size = t.global_batch(n_params)
     stamp = fingerprint(data, dev_data, tokenizer.path, t.model, batch_size, t.max_len, t.epochs, t.seed)
     return Run(cfg, dist, model, tokenizer, train_examples, dev, dev_examples, batch_size,
-               Path(t.out_dir) / t.name, checkpoint, export_dtype(t, checkpoint), stamp)
+               Path(t.out_dir) / t.name, checkpoint, export_dtype(cfg, checkpoint), stamp)
 
 
 def check_environment(cfg: Config):
@@ -103,9 +117,9 @@ def build_model(cfg: Config, checkpoint: Path | None, tokenizer: Tokenizer) -> L
         return Llama(mcfg, kernels=cfg.train.kernels)
 
 
-def export_dtype(t: TrainConfig, checkpoint: Path | None) -> torch.dtype:
+def export_dtype(cfg: Config, checkpoint: Path | None) -> torch.dtype:
     """As set, or auto: the initial checkpoint's dtype (a bf16 checkpoint exports bf16), and for
     a preset the compute dtype."""
-    if t.export_dtype != "auto":
-        return DTYPES[t.export_dtype]
-    return checkpoint_dtype(checkpoint) if checkpoint is not None else DTYPES[t.dtype]
+    if cfg.export_dtype is not None:
+        return cfg.export_dtype
+    return checkpoint_dtype(checkpoint) if checkpoint is not None else cfg.compute_dtype

@@ -1,5 +1,5 @@
 """Bad checkpoints: each is refused with one line that starts with the file at fault and says
-what is wrong, by the Python API (lima_core.hf.load_pretrained raises CheckpointError) and by
+what is wrong, by the Python API (lima_core.checkpoint.hf.load_pretrained raises CheckpointError) and by
 the trainer's command line (exit status 2, `error: ...`, nothing written under the run folder).
 
 Every case starts from a checkpoint transformers wrote itself (four safetensors files and an

@@ -44,8 +44,8 @@ def test_sharded_export_has_an_index_and_loads_both_ways(tmp_path):
 
 
 def test_key_map_round_trips():
-    from lima_core.model.config import ModelConfig
     from lima_core.model.llama import Llama
+    from lima_core.model.shapes import ModelConfig
 
     model = Llama(ModelConfig.from_name("tiny", n_layers=12, dim=32, n_heads=4, ffn_dim=16))
     for key in model.state_dict():

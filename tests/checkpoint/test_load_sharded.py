@@ -72,7 +72,8 @@ def test_two_ranks_from_a_bf16_checkpoint_stay_bf16_end_to_end(tmp_path):
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(checkpoint)
     lines = (ASSETS / "train.jsonl").read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("".join(line + "\n" for line in lines[:4]))
-    (tmp_path / "dev.jsonl").write_text("".join(line + "\n" for line in (ASSETS / "dev.jsonl").read_text().splitlines()[:5]))
+    (tmp_path / "dev.jsonl").write_text("".join(line + "\n"
+                                                for line in (ASSETS / "dev.jsonl").read_text().splitlines()[:5]))
     args = ["-m", "lima_core.train", "--model", str(checkpoint), "--tokenizer", str(ASSETS / "tokenizer.model"),
             "--data", str(tmp_path / "train.jsonl"),
             "--dev-data", str(tmp_path / "dev.jsonl"), "--out-dir", str(tmp_path / "runs"), "--name", "t",

@@ -81,7 +81,8 @@ def resharded(tmp, whole, n, name):
     a = load_file(tmp / "runs" / name / "epoch-3" / "model.safetensors")
     b = load_file(whole / "epoch-3" / "model.safetensors")
     weight_err = max(float((a[k] - b[k]).abs().max()) for k in b)
-    print(f"\n2 -> {n} ranks from step 6: worst relative loss error {loss_err:.2e}, worst weight error {weight_err:.2e}")
+    print(f"\n2 -> {n} ranks from step 6: worst relative loss error {loss_err:.2e}, "
+          f"worst weight error {weight_err:.2e}")
     assert len(ours) == len(ref)
     # Another world size sums gradients in another order: fp32 rounding, amplified a little by Adam.
     assert loss_err < 1e-5 and weight_err < 1e-5

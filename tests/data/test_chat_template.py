@@ -27,8 +27,8 @@ from lima_core.checkpoint.hf import save_pretrained
 from lima_core.data.encode import encode_conversation, prompt_ids
 from lima_core.data.formats import Conversation, read_conversations
 from lima_core.data.tokenizer import EOT, Tokenizer
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 
 NO_TRUNCATION = 10**9
 

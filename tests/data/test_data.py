@@ -16,9 +16,9 @@ from lima_core.data.encode import IGNORE, Example, check_targets, encode_convers
 from lima_core.data.formats import Conversation, DataError, read_conversations
 from lima_core.data.packing import pack
 from lima_core.data.tokenizer import Tokenizer
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
-from lima_core.train.loop import step_loss
+from lima_core.model.shapes import ModelConfig
+from lima_core.train.loop import forward_backward
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_loss_covers_assistant_tokens_and_their_eot_only(tok):
     assert ex.ids == [tok.bos_id] + [i for p in pieces for i in p]
     # Targets (the tokens predicted) are exactly the assistant turns and their EOTs.
     expected_targets = pieces[1] + pieces[3]
-    assert [l for l in ex.labels if l != IGNORE] == expected_targets
+    assert [label for label in ex.labels if label != IGNORE] == expected_targets
     assert sum(i == tok.eot_id for i in expected_targets) == 2
     assert ex.labels[-1] == IGNORE  # nothing follows the last token
 
@@ -72,7 +72,7 @@ def test_a_system_turn_comes_first_ends_with_eot_and_is_trained_on_nothing(tok):
     head = [tok.bos_id] + tok.encode(system) + [tok.eot_id]
     assert ex.ids[:len(head)] == head
     assert ex.ids[len(head):] == encode_conversation(tok, turns, 2048).ids[1:]
-    assert [l for l in ex.labels if l != IGNORE] == tok.encode("Paris.") + [tok.eot_id]
+    assert [label for label in ex.labels if label != IGNORE] == tok.encode("Paris.") + [tok.eot_id]
     prompt = Conversation(turns, system).prompt
     assert prompt.turns == turns[:1] and prompt.system == system
     assert prompt_ids(tok, prompt) == head + tok.encode(turns[0]) + [tok.eot_id]
@@ -237,7 +237,7 @@ def test_gradient_does_not_depend_on_packing_or_accumulation(tok):
 
     def grads(max_len):
         model.zero_grad()
-        loss_sum, n, _ = step_loss(model, batch, max_len, torch.device("cpu"), None, torch.float32)
+        loss_sum, n, _ = forward_backward(model, batch, max_len, torch.device("cpu"), None, torch.float32)
         return float(loss_sum) / n, [p.grad.clone() for p in model.parameters()]
 
     one_row = grads(max_len=sum(len(e.ids) for e in batch))  # everything packed in one row
@@ -249,7 +249,7 @@ def test_gradient_does_not_depend_on_packing_or_accumulation(tok):
 
 
 def test_the_global_batch_loss_and_gradient_do_not_depend_on_the_packing(tok, monkeypatch):
-    # step_loss divides every row's summed loss by the target count of the whole global batch,
+    # forward_backward divides every row's summed loss by the target count of the whole global batch,
     # so best-fit decreasing and the in-order packing it replaced give the same loss and gradient.
     torch.manual_seed(0)
     model = Llama(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, dim=32, n_heads=4, n_kv_heads=2,
@@ -260,7 +260,7 @@ def test_the_global_batch_loss_and_gradient_do_not_depend_on_the_packing(tok, mo
 
     def grads():
         model.zero_grad()
-        loss_sum, n, tokens = step_loss(model, batch, max_len, torch.device("cpu"), None, torch.float32)
+        loss_sum, n, tokens = forward_backward(model, batch, max_len, torch.device("cpu"), None, torch.float32)
         return float(loss_sum) / n, [p.grad.clone() for p in model.parameters()], (n, tokens)
 
     def in_order(examples, max_len):

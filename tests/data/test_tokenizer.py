@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from lima_core.checkpoint.hf import save_pretrained
 from lima_core.data.tokenizer import EOT, Tokenizer
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 
 
 def mistral_v1_tokenizer(tmp_path) -> Path:

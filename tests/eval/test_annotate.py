@@ -13,8 +13,8 @@ from itertools import permutations
 from pathlib import Path
 
 import pytest
-from helpers import free_port, run_entry, serving  # noqa: F401
-from test_eval import SCENARIO_A, SCENARIO_B, checkpoint, responses, write_jsonl  # noqa: F401 (a fixture)
+from helpers import run_entry, serving
+from test_eval import SCENARIO_A, SCENARIO_B, responses, write_jsonl
 
 from lima_core.eval import stats
 from lima_core.eval.__main__ import main

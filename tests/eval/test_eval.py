@@ -85,21 +85,6 @@ def test_prompts_in_every_format_get_the_same_id(tmp_path):
     assert len(dev) == 8 and all(p.reference and len(p.turns) % 2 == 1 for p in dev)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from lima_core.checkpoint.hf import save_pretrained
-    from lima_core.data.tokenizer import Tokenizer
-    from lima_core.model.config import ModelConfig
-    from lima_core.model.llama import Llama
-
-    tok = Tokenizer(ASSETS / "tokenizer.model")
-    model = Llama(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, dim=32, n_heads=4, ffn_dim=32, n_layers=1))
-    model.init_weights()
-    path = tmp_path_factory.mktemp("ckpt") / "epoch-3"
-    save_pretrained(model, path, tokenizer=tok)
-    return path
-
-
 def test_generate_from_a_checkpoint_resumes_where_it_stopped(tmp_path, checkpoint):
     out = tmp_path / "a.jsonl"
     args = ["generate", "--prompts", str(ASSETS / "dev.jsonl"), "--out", str(out), "--checkpoint", str(checkpoint),
@@ -423,8 +408,11 @@ def test_retries_back_off_exponentially(judge):
 
     waits = []
     client = make_client(judge.url, "", timeout=10)
-    ask = lambda text: complete(client, "m", [{"role": "user", "content": text}], retries=3,  # noqa: E731
-                                base_delay=0.5, parse=parse_verdict, sleep=waits.append)
+
+    def ask(text):
+        return complete(client, "m", [{"role": "user", "content": text}], retries=3, base_delay=0.5,
+                        parse=parse_verdict, sleep=waits.append)
+
     garbage = ask("[Answer A]\nx [garbage]\n[End of answer A]\n\n[Answer B]\ny\n[End of answer B]")
     assert (garbage.parsed, garbage.attempts, waits) == (None, 4, [0.5, 1.0, 2.0])
     waits.clear()
@@ -440,9 +428,11 @@ def test_the_trainer_chooses_by_a_configured_judge(tmp_path):
 
     lines = (ASSETS / "train.jsonl").read_text().splitlines()
     data = write_jsonl(tmp_path / "train.jsonl", [json.loads(line) for line in lines[:4]])
-    dev = write_jsonl(tmp_path / "dev.jsonl", [json.loads(line) for line in (ASSETS / "dev.jsonl").read_text().splitlines()[:3]])
+    dev_lines = (ASSETS / "dev.jsonl").read_text().splitlines()
+    dev = write_jsonl(tmp_path / "dev.jsonl", [json.loads(line) for line in dev_lines[:3]])
     with ScriptedJudge("distinct-words") as server:
-        outcome = run_entry(train.main, ["--data", str(data), "--dev-data", str(dev), "--out-dir", str(tmp_path / "runs"),
+        outcome = run_entry(train.main, ["--data", str(data), "--dev-data", str(dev),
+                                         "--out-dir", str(tmp_path / "runs"),
                                          "--name", "t", "--epochs", "3", "--batch-size", "2", "--max-len", "256",
                                          "--max-new-tokens", "12", "--plot", "false", "--judge-url", server.url,
                                          "--judge-model", "scripted"], tmp_path)
@@ -457,5 +447,6 @@ def test_the_trainer_chooses_by_a_configured_judge(tmp_path):
 def test_a_judge_url_needs_a_judge_model(tmp_path):
     from lima_core.train import loop as train
 
-    outcome = run_entry(train.main, ["--judge-url", "http://127.0.0.1:1/v1", "--out-dir", str(tmp_path / "r")], tmp_path)
+    outcome = run_entry(train.main, ["--judge-url", "http://127.0.0.1:1/v1", "--out-dir", str(tmp_path / "r")],
+                        tmp_path)
     assert outcome.status == 2 and "--judge-url and --judge-model go together" in outcome.err

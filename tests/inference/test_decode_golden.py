@@ -24,8 +24,8 @@ from lima_core.data.tokenizer import Tokenizer
 from lima_core.eval.generate import Prompt, checkpoint_answerer, prompt_id
 from lima_core.inference.decode import generate_batch
 from lima_core.inference.serve.api import create_app
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "decode_7c2028f.json").read_text())
 PROMPTS = GOLDEN["prompts"]

@@ -72,8 +72,8 @@ def test_nucleus_sampling_draws_only_from_transformers_top_p_set():
 def test_generate_cli_answers_from_an_export(tmp_path):
     from lima_core.checkpoint.hf import save_pretrained
     from lima_core.data.tokenizer import Tokenizer
-    from lima_core.model.config import ModelConfig
     from lima_core.model.llama import Llama
+    from lima_core.model.shapes import ModelConfig
 
     tok = Tokenizer(ASSETS / "tokenizer.model")
     model = Llama(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, dim=32, n_heads=4, ffn_dim=32, n_layers=1))
@@ -85,8 +85,10 @@ def test_generate_cli_answers_from_an_export(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     chat = subprocess.run([sys.executable, "-m", "lima_core.chat", "--checkpoint", str(tmp_path / "ckpt"),
-                           "--chat", "--max-new-tokens", "5"], input="Hi!\nAnd then?\n\n", capture_output=True, text=True)
+                           "--chat", "--max-new-tokens", "5"], input="Hi!\nAnd then?\n\n",
+                          capture_output=True, text=True)
     assert chat.returncode == 0 and chat.stdout.count("lima>") == 2
-    bf16 = subprocess.run([sys.executable, "-m", "lima_core.chat", "--checkpoint", str(tmp_path / "ckpt"), "--dtype", "bf16",
-                           "--prompt", "Hi!", "--max-new-tokens", "5"], capture_output=True, text=True)
+    bf16 = subprocess.run([sys.executable, "-m", "lima_core.chat", "--checkpoint", str(tmp_path / "ckpt"),
+                           "--dtype", "bf16", "--prompt", "Hi!", "--max-new-tokens", "5"],
+                          capture_output=True, text=True)
     assert bf16.returncode == 0 and bf16.stdout.strip(), bf16.stderr

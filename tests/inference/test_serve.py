@@ -23,10 +23,10 @@ from lima_core.data.formats import Conversation
 from lima_core.data.tokenizer import Tokenizer
 from lima_core.inference.decode import generate
 from lima_core.inference.serve.api import create_app
-from lima_core.inference.serve.cli import main, parse_args, server_config
 from lima_core.inference.text import TextStream
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
+from lima_core.serve import main, parse_args, server_config
 
 NAME = "tiny-chat"
 QUESTION = "How do I boil an egg so the yolk stays soft?"
@@ -268,7 +268,8 @@ BAD_REQUESTS = {
     "an empty stop string": (dict(stop=["", "x"]), "must not be empty", "stop"),
     "an unsupported field": (dict(logprobs=True), "unsupported parameter 'logprobs'", "logprobs"),
     "a negative seed": (dict(seed=-1), "greater than or equal to 0", "seed"),
-    "stream_options alone": (dict(stream_options={"include_usage": True}), "only allowed with stream", "stream_options"),
+    "stream_options alone": (dict(stream_options={"include_usage": True}), "only allowed with stream",
+                             "stream_options"),
     "a prompt past the context": (dict(messages=[{"role": "user", "content": "egg " * 300}]), "context is 256",
                                   "messages"),
 }

@@ -5,9 +5,9 @@ on 1 and 2 ranks in tests/test_train.py)."""
 import torch
 from helpers import TINY
 
-from lima_core.model.config import ModelConfig
 from lima_core.model.initialization import CHUNK, keyed_normal
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 
 
 def test_any_cut_of_a_parameter_draws_the_same_values():
@@ -17,7 +17,8 @@ def test_any_cut_of_a_parameter_draws_the_same_values():
     for parts in (2, 3, 64):
         cuts = sorted(torch.randint(0, numel, (parts - 1,), generator=g).tolist())
         bounds = [0, *cuts, numel]
-        pieces = [keyed_normal(7, "layers.0.attn.wq.weight", numel, a, b, 0.02, "cpu") for a, b in zip(bounds, bounds[1:])]
+        pieces = [keyed_normal(7, "layers.0.attn.wq.weight", numel, a, b, 0.02, "cpu")
+                  for a, b in zip(bounds, bounds[1:])]
         assert torch.equal(torch.cat(pieces), whole)
 
 

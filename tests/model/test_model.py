@@ -82,7 +82,8 @@ def test_dropout_masks_are_keyed_by_seed_and_reproduced_by_recomputation():
         x = model.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(model.inv_freq, torch.arange(16).expand(2, 16), x.dtype)
         for block in model.layers:
-            x = checkpoint(block, x, cos, sin, None, None, 7, use_reentrant=False) if recompute else block(x, cos, sin, None, None, 7)
+            x = (checkpoint(block, x, cos, sin, None, None, 7, use_reentrant=False) if recompute
+                 else block(x, cos, sin, None, None, 7))
         x.square().mean().backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 
 VOCAB, DIM = 61, 32
 
@@ -121,7 +121,8 @@ def compare_paths(mode: str, device: str):
                 f"{name} (tied={tied}): kernel path error {err(grads_k[name], gold):.3g} > "
                 f"4 x reference path error {err(grads_t[name], gold):.3g}"
             )
-    print(f"\n{mode} ({device}): worst loss error {worst_loss:.2e}, worst grad error {worst_grad:.2e} (param {worst_name})")
+    print(f"\n{mode} ({device}): worst loss error {worst_loss:.2e}, "
+          f"worst grad error {worst_grad:.2e} (param {worst_name})")
 
 
 def test_head_under_autocast_no_grad_has_fp32_logits():

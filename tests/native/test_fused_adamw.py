@@ -54,12 +54,19 @@ def test_matches_torch_adamw(betas, weight_decay):
             a.grad, b.grad = g.clone(), g
         opt.step()
         opt_ref.step()
-    rel = lambda x, y: float(((x - y).abs() / y.abs().clamp_min(1e-30)).max())  # noqa: E731
-    norm_rel = lambda x, y: float((x - y).double().norm() / y.double().norm())  # noqa: E731
-    print(f"\n100 steps vs torch.optim.AdamW: param relative error {max(norm_rel(a.data, b.data) for a, b in zip(ours, ref)):.1e} "
+
+    def rel(x, y):
+        return float(((x - y).abs() / y.abs().clamp_min(1e-30)).max())
+
+    def norm_rel(x, y):
+        return float((x - y).double().norm() / y.double().norm())
+
+    print(f"\n100 steps vs torch.optim.AdamW: param relative error "
+          f"{max(norm_rel(a.data, b.data) for a, b in zip(ours, ref)):.1e} "
           f"(2-norm), {max(rel(a.data, b.data) for a, b in zip(ours, ref)):.1e} (worst element); exp_avg_sq "
           f"{max(rel(opt.state[a]['exp_avg_sq'], opt_ref.state[b]['exp_avg_sq']) for a, b in zip(ours, ref)):.1e}, "
-          f"exp_avg bit-equal: {all(torch.equal(opt.state[a]['exp_avg'], opt_ref.state[b]['exp_avg']) for a, b in zip(ours, ref))}")
+          f"exp_avg bit-equal: "
+          f"{all(torch.equal(opt.state[a]['exp_avg'], opt_ref.state[b]['exp_avg']) for a, b in zip(ours, ref))}")
     for a, b in zip(ours, ref):
         s, r = opt.state[a], opt_ref.state[b]
         # torch's CPU sqrt is off by an ulp in ~16% of elements (ours is correctly rounded): each
@@ -152,7 +159,8 @@ def test_stochastic_rounding_is_unbiased(dtype):
     # subnormals, whose probabilities are exact to 2^-24 only (csrc/adamw.h).
     bound = 5 * stderr + gap * 2.0**-20
     z = ((mean - values.double()).abs() / stderr.clamp_min(1e-300))[stderr > 0]
-    print(f"\n{dtype} stochastic rounding over {n} draws a value: worst |mean - value| = {float(z.max()):.2f} standard errors")
+    print(f"\n{dtype} stochastic rounding over {n} draws a value: "
+          f"worst |mean - value| = {float(z.max()):.2f} standard errors")
     assert bool(((mean - values.double()).abs() <= bound).all())
 
 

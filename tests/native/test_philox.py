@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lima_core import native
-from lima_core.model.config import ModelConfig
 from lima_core.model.llama import Llama
+from lima_core.model.shapes import ModelConfig
 from lima_core.native import philox_uniform as philox
 from lima_kernels.philox import philox_uniform
 

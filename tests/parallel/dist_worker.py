@@ -15,13 +15,13 @@ from pathlib import Path
 import helpers
 import torch
 import torch.distributed as dist
-from helpers import TINY, tiny_model
+from helpers import TINY, build_optimizer, tiny_model
 from safetensors.torch import save_file
 
 from lima_core.data.encode import Example
 from lima_core.model.llama import Llama
-from lima_core.train.loop import step_loss
-from lima_core.train.optim import build_optimizer, lr_at, set_lr
+from lima_core.train.loop import forward_backward
+from lima_core.train.optim import lr_at, set_lr
 
 STEPS, LR, LR_END, BETAS, WD, CLIP, MAX_LEN = 10, 1e-3, 1e-4, (0.9, 0.95), 0.1, 1.0, 48
 
@@ -36,7 +36,7 @@ def train_reference(model: Llama, steps: int = STEPS) -> list[float]:
     losses = []
     for step, batch in enumerate(random_batches(steps)):
         set_lr(opt, lr_at(step, steps, LR, LR_END))
-        loss_sum, n, _ = step_loss(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32)
+        loss_sum, n, _ = forward_backward(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32)
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad()
@@ -53,7 +53,8 @@ def train_ours(model: Llama, group, checkpointing: str):
     losses = []
     for step, batch in enumerate(random_batches(STEPS)):
         set_lr(opt, lr_at(step, STEPS, LR, LR_END))
-        loss_sum, n, _ = step_loss(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32, rank, world, group)
+        loss_sum, n, _ = forward_backward(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32,
+                                          rank, world, group)
         sharded.clip_grad_norm_(CLIP)
         opt.step()
         sharded.zero_grad()
@@ -69,7 +70,7 @@ def train_ours(model: Llama, group, checkpointing: str):
 
 
 def train_fsdp2(model: Llama, group) -> tuple[list[float], dict]:
-    """The reference: PyTorch's FSDP2 on the same model, same step_loss, torch's AdamW and clipping."""
+    """The reference: PyTorch's FSDP2 on the same model, same forward_backward, torch's AdamW and clipping."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -82,7 +83,8 @@ def train_fsdp2(model: Llama, group) -> tuple[list[float], dict]:
     losses = []
     for step, batch in enumerate(random_batches(STEPS)):
         set_lr(opt, lr_at(step, STEPS, LR, LR_END))
-        loss_sum, n, _ = step_loss(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32, rank, world, group)
+        loss_sum, n, _ = forward_backward(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32,
+                                          rank, world, group)
         # FSDP2 averages gradients over ranks; lima-core's loss is already globally normalized.
         for p in model.parameters():
             p.grad.mul_(world)
@@ -110,7 +112,7 @@ def main():
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps(losses))
         save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
-    # Free the sharded model (its hooks hold the group) before the group: see lima_core.train.main.
+    # Free the sharded model (its hooks hold the group) before the group: see lima_core.train.loop.main.
     model = None
     gc.collect()
     dist.destroy_process_group()

@@ -4,7 +4,8 @@ matrices only."""
 import pytest
 from helpers import tiny_model
 
-from lima_core.train.optim import lr_at, param_groups
+from lima_core.parallel.parallelize import parallelize
+from lima_core.train.optim import lr_at
 
 
 def test_learning_rate_decays_linearly_without_warmup():
@@ -15,9 +16,17 @@ def test_learning_rate_decays_linearly_without_warmup():
 
 
 def test_weight_decay_on_matrices_only():
+    """The trainer's groups (FSDP.param_groups, over the shards): every matrix decays, no norm weight does."""
     model = tiny_model()
-    decay, no_decay = param_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    matrices, norms = [n for n, s in shapes.items() if len(s) == 2], [n for n, s in shapes.items() if len(s) < 2]
+    assert norms and all("norm" in n for n in norms)
+    sharded = parallelize(model, checkpointing="none")
+    decay, no_decay = sharded.param_groups(0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim == 2 for p in decay["params"]) and all("norm" in names[id(p)] for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    slots = [s for u in sharded.units for s in u.slots]
+    assert sorted(s.name for s in slots if s.decay) == sorted(matrices)
+    assert sorted(s.name for s in slots if not s.decay) == sorted(norms)
+    # One rank: a shard is its unit's whole flat vector, unpadded, so the groups hold exactly these elements.
+    assert sum(p.numel() for p in decay["params"]) == sum(shapes[n].numel() for n in matrices)
+    assert sum(p.numel() for p in no_decay["params"]) == sum(shapes[n].numel() for n in norms)

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ASSETS, TORCHRUN, make_hf_model, random_batches, rel_err
+from helpers import ASSETS, TORCHRUN, build_optimizer, make_hf_model, random_batches, rel_err
 from transformers import LlamaForCausalLM
 
 from lima_core.checkpoint.hf import hf_key, load_pretrained
 from lima_core.data.encode import IGNORE
 from lima_core.train import loop as train_module
-from lima_core.train.loop import step_loss
-from lima_core.train.optim import build_optimizer, lr_at, set_lr
+from lima_core.train.loop import forward_backward
+from lima_core.train.optim import lr_at, set_lr
 
 
 def test_five_steps_equal_transformers_with_torch_adamw(tmp_path):
@@ -36,7 +36,7 @@ def test_five_steps_equal_transformers_with_torch_adamw(tmp_path):
         set_lr(opt, lr_at(step, steps, lr, lr_end))
         set_lr(ref_opt, lr_at(step, steps, lr, lr_end))
         # lima-core: packed rows of at most 64 tokens, several micro-batches.
-        loss_sum, n, _ = step_loss(ours, batch, 64, torch.device("cpu"), None, torch.float32)
+        loss_sum, n, _ = forward_backward(ours, batch, 64, torch.device("cpu"), None, torch.float32)
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
@@ -75,8 +75,8 @@ def test_a_run_writes_metrics_exports_summary_and_plot(tmp_path):
     crashed_export = run / ".tmp-epoch-2"  # what a killed export leaves behind
     crashed_export.mkdir(parents=True)
     (crashed_export / "model.safetensors").write_bytes(b"half written")
-    result = subprocess.run([sys.executable, "-m", "lima_core.train", *small_run_args(tmp_path, "--tensorboard", "true")],
-                            capture_output=True, text=True)
+    args = small_run_args(tmp_path, "--tensorboard", "true")
+    result = subprocess.run([sys.executable, "-m", "lima_core.train", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert not crashed_export.exists() and not list(run.rglob(".tmp-*"))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -105,7 +105,8 @@ def test_a_preset_starts_from_the_same_weights_on_one_and_two_ranks(tmp_path):
         args = small_run_args(tmp_path / str(ranks), "--epochs", "1", "--lr", "0", "--lr-end", "0", "--dev-data", "",
                               "--plot", "false")
         launcher = [sys.executable] if ranks == 1 else [TORCHRUN, "--standalone", "--nproc_per_node", "2"]
-        result = subprocess.run([*launcher, "-m", "lima_core.train", *args], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([*launcher, "-m", "lima_core.train", *args], capture_output=True, text=True,
+                                timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         exports.append(load_file(tmp_path / str(ranks) / "runs" / "t" / "epoch-1" / "model.safetensors"))
     assert exports[0].keys() == exports[1].keys()
@@ -116,7 +117,7 @@ def test_a_preset_starts_from_the_same_weights_on_one_and_two_ranks(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_export(tmp_path, monkeypatch, capsys):
-    real = train_module.step_loss
+    real = train_module.forward_backward
 
     def nan_from_step_4(model, batch, *args):
         loss_sum, n, tokens = real(model, batch, *args)
@@ -124,7 +125,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_export(tmp_path, mon
         return (loss_sum * float("nan") if nan_from_step_4.calls > 4 else loss_sum), n, tokens
 
     nan_from_step_4.calls = 0
-    monkeypatch.setattr(train_module, "step_loss", nan_from_step_4)
+    monkeypatch.setattr(train_module, "forward_backward", nan_from_step_4)
     with pytest.raises(SystemExit) as exit_:
         train_module.main(small_run_args(tmp_path))
     assert exit_.value.code == 1
@@ -141,7 +142,7 @@ def test_bf16_step_tracks_fp32():
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
         model.zero_grad()
-        loss_sum, n, _ = step_loss(model, batch, 64, torch.device("cpu"), None, dtype)
+        loss_sum, n, _ = forward_backward(model, batch, 64, torch.device("cpu"), None, dtype)
         losses[dtype] = float(loss_sum) / n
         assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # fp32 master gradients
     rel = abs(losses[torch.bfloat16] - losses[torch.float32]) / losses[torch.float32]
