@@ -4,7 +4,6 @@ or not at all (one process, and two gloo ranks with one of them failing inside i
 
 import json
 import os
-import random
 import subprocess
 from pathlib import Path
 
@@ -13,33 +12,8 @@ from helpers import ROOT, TORCHRUN, make_hf_model, torchrun
 
 from lima_core.checkpoint.atomic import TEMP_PREFIX, remove_stale_temps
 from lima_core.checkpoint.sharded import INDEX, collective_dir, nbytes, shard_files, write_shards
-from lima_core.data.packing import in_order
 
 WORKER = str(Path(__file__).with_name("collective_worker.py"))
-
-
-def next_when_full(sizes: list[int], capacity: int) -> list[list[int]]:
-    """The reference: one open bin, closed when the next item would overflow it."""
-    bins, current, used = [], [], 0
-    for i, size in enumerate(sizes):
-        if current and used + size > capacity:
-            bins.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += size
-    return bins + [current] if current else bins
-
-
-def test_the_in_order_packer_is_the_plain_loop_on_random_sizes():
-    rng = random.Random(0)
-    for case in range(500):
-        capacity = rng.choice([1, 7, 100, 2**20])
-        # zero sizes, exact fits and items larger than a bin: a bin of their own
-        sizes = [rng.choice([0, rng.randint(1, capacity), capacity, 3 * capacity]) for _ in range(rng.randint(0, 60))]
-        bins = in_order(sizes, capacity)
-        assert bins == next_when_full(sizes, capacity), (case, capacity, sizes)
-        assert [i for b in bins for i in b] == list(range(len(sizes)))
-        assert all(len(b) == 1 or sum(sizes[i] for i in b) <= capacity for b in bins), (case, sizes)
 
 
 def test_shard_files_are_named_as_transformers_names_them():

@@ -14,7 +14,7 @@ from helpers import ASSETS
 from lima_core.data import packing
 from lima_core.data.encode import IGNORE, Example, check_targets, encode_conversation, prompt_ids
 from lima_core.data.formats import Conversation, DataError, read_conversations
-from lima_core.data.packing import pack
+from lima_core.data.packing import in_order, pack
 from lima_core.data.tokenizer import Tokenizer
 from lima_core.model.llama import Llama
 from lima_core.model.shapes import ModelConfig
@@ -136,6 +136,19 @@ def greedy_in_order(lengths: list[int], max_len: int) -> list[list[int]]:
         current.append(i)
         used += n
     return rows + [current] if current else rows
+
+
+def test_the_in_order_packer_is_the_plain_loop_on_random_sizes():
+    """in_order packs rows and checkpoint files alike (checkpoint.sharded)."""
+    rng = random.Random(0)
+    for case in range(500):
+        capacity = rng.choice([1, 7, 100, 2**20])
+        # zero sizes, exact fits and items larger than a bin: a bin of their own
+        sizes = [rng.choice([0, rng.randint(1, capacity), capacity, 3 * capacity]) for _ in range(rng.randint(0, 60))]
+        bins = in_order(sizes, capacity)
+        assert bins == greedy_in_order(sizes, capacity), (case, capacity, sizes)
+        assert [i for b in bins for i in b] == list(range(len(sizes)))
+        assert all(len(b) == 1 or sum(sizes[i] for i in b) <= capacity for b in bins), (case, sizes)
 
 
 def random_lengths(rng: random.Random, max_len: int) -> list[int]:
