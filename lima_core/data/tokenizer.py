@@ -9,7 +9,7 @@ Each turn is encoded alone (data.encode_conversation), so each starts with its o
 boundary (sentencepiece's dummy prefix). The export's chat template puts the turns between
 special tokens, and the export is written so that `transformers` gives every stretch of text
 between special tokens that same prefix: the template's ids are then lima-core's, bit for bit
-(tests/test_chat_template.py), except where a turn's text spells a special token itself.
+(tests/data/test_chat_template.py), except where a turn's text spells a special token itself.
 """
 
 from __future__ import annotations

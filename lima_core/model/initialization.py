@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
 
 from lima_core.model.dispatch import mix_seed
+
+if TYPE_CHECKING:  # the model package imports nothing of parallel/ at run time
+    from lima_core.parallel.fsdp import FSDP
 
 CHUNK = 1 << 20
 """Elements drawn per generator (fewer for a smaller parameter)."""
@@ -35,7 +39,7 @@ def keyed_normal(seed: int, name: str, numel: int, start: int, end: int, std: fl
 
 
 @torch.no_grad()
-def init_sharded(sharded, stds: dict[str, float | None], seed: int):
+def init_sharded(sharded: FSDP, stds: dict[str, float | None], seed: int):
     """Fill this rank's shards of a model built on the meta device: N(0, std) where `stds`
     (Llama.init_stds, taken before sharding) gives a std, ones where it gives None."""
     for unit in sharded.units:

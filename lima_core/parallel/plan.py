@@ -18,7 +18,7 @@ step gathers every unit once, and the longest answer sets the number of steps.
 
 Activations are those of the plain-torch path (`--kernels torch`, what CPU runs), derived op by
 op from what it keeps for backward (the formula is in `activation_bytes`) and checked against
-the measured peak on CPU (tests/test_plan.py). Known limits: the Triton path (the CUDA default)
+the measured peak on CPU (tests/parallel/test_plan.py). Known limits: the Triton path (the CUDA default)
 keeps less: its norms keep their input and 1/rms only (2 d values per Block fewer), and its fused
 linear-cross-entropy keeps the head's gradients, computed in forward, instead of the
 [tokens, vocab] log-probs. On CPU, packed rows add an [s, s] fp32 attention mask per Block

@@ -1,6 +1,6 @@
 """HF import/export: transformers loads our exports with the same logits; keys round-trip;
 save_pretrained replaces a folder only when it is an earlier export of its own. (Bad checkpoints:
-tests/test_bad_checkpoints.py.)"""
+tests/checkpoint/test_bad_checkpoints.py.)"""
 
 import json
 

@@ -1,6 +1,6 @@
 """A preset's sharded initialisation: each rank draws only its part, and the values do not
 depend on how the parameters are cut into shards (checked on cut points here, and end to end
-on 1 and 2 ranks in tests/test_train.py)."""
+on 1 and 2 ranks in tests/train/test_train.py)."""
 
 import torch
 from helpers import TINY

@@ -1,4 +1,4 @@
-"""Tests of the fused AdamW op (csrc/, lima_core/fused_adamw.py).
+"""Tests of the fused AdamW op (csrc/, lima_core/native/adamw.py).
 
 CPU: 100 steps against torch.optim.AdamW; the 16-bit copy against torch's own rounding (nearest
 even) and against the definition of stochastic rounding (unbiased, between the two neighbours,

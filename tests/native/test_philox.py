@@ -1,4 +1,4 @@
-"""Tests of the native Philox op (csrc/philox_op.cpp, lima_core/philox.py).
+"""Tests of the native Philox op (csrc/philox_op.cpp, lima_core/native/philox_uniform.py).
 
 The op against the plain-torch emulation `lima_kernels.philox.philox_uniform` (itself equal to
 Triton's `tl.rand`), bit for bit: seeds at the 32-bit word edges and random ones; offsets 0,

@@ -1,4 +1,4 @@
-"""A rank of the multi-process FSDP tests (launched by torchrun from tests/test_fsdp.py).
+"""A rank of the multi-process FSDP tests (launched by torchrun from tests/parallel/test_fsdp.py).
 
     torchrun --standalone --nproc_per_node N tests/parallel/dist_worker.py OUT {ours,fsdp2} [CHECKPOINTING [tied]]
 
