@@ -44,17 +44,22 @@ def train_reference(model: Llama, steps: int = STEPS) -> list[float]:
     return losses
 
 
+def scheduled_forward_backward(model: Llama, opt, step: int, batch: list[Example], group) -> tuple[torch.Tensor, int]:
+    """This step's learning rate, then forward and backward of this rank's rows: (summed loss, targets)."""
+    set_lr(opt, lr_at(step, STEPS, LR, LR_END))
+    loss_sum, n, _ = forward_backward(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32,
+                                      dist.get_rank(group), dist.get_world_size(group), group)
+    return loss_sum, n
+
+
 def train_ours(model: Llama, group, checkpointing: str):
     from lima_core.parallel.parallelize import parallelize
 
     sharded = parallelize(model, group=group, checkpointing=checkpointing)
     opt = torch.optim.AdamW(sharded.param_groups(WD), lr=LR, betas=BETAS, foreach=False)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     losses = []
     for step, batch in enumerate(random_batches(STEPS)):
-        set_lr(opt, lr_at(step, STEPS, LR, LR_END))
-        loss_sum, n, _ = forward_backward(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32,
-                                          rank, world, group)
+        loss_sum, n = scheduled_forward_backward(model, opt, step, batch, group)
         sharded.clip_grad_norm_(CLIP)
         opt.step()
         sharded.zero_grad()
@@ -79,12 +84,10 @@ def train_fsdp2(model: Llama, group) -> tuple[list[float], dict]:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = build_optimizer(model, LR, BETAS, WD, fused=False)  # the reference: torch's AdamW on DTensors
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     losses = []
     for step, batch in enumerate(random_batches(STEPS)):
-        set_lr(opt, lr_at(step, STEPS, LR, LR_END))
-        loss_sum, n, _ = forward_backward(model, batch, MAX_LEN, torch.device("cpu"), None, torch.float32,
-                                          rank, world, group)
+        loss_sum, n = scheduled_forward_backward(model, opt, step, batch, group)
         # FSDP2 averages gradients over ranks; lima-core's loss is already globally normalized.
         for p in model.parameters():
             p.grad.mul_(world)
