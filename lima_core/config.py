@@ -164,6 +164,16 @@ class ParallelConfig(_Section):
     """Dtype FSDP gathers parameters in for compute; unset means train.dtype. Master shards are always fp32."""
     reduce_dtype: DType = "fp32"
     """Dtype gradients are reduce-scattered in; shard gradients accumulate in fp32."""
+    node_size: int = Field(0, ge=0)
+    """Ranks per node (they share NVLink; nodes talk over NICs); 0 means torchrun's LOCAL_WORLD_SIZE."""
+    sharding: Literal["flat", "two-level"] = "flat"
+    """flat: every unit gathered over all ranks in forward and backward; two-level: master weights and AdamW
+    sharded over all ranks, the working copy kept sharded inside the node between forward and backward."""
+    dev_decode: Literal["auto", "node", "gather"] = "auto"
+    """Dev generation: node (each node holds one tensor-parallel copy, gathered once an epoch), gather (every
+    decode step gathers each unit) or auto (node where the copy fits)."""
+    count_bytes: bool = False
+    """Count the bytes each collective moves per level and write them to <out_dir>/<name>/bytes.json."""
 
 
 class SamplingConfig(_Section):

@@ -1,5 +1,6 @@
 """The ranks of a run: the process group and device torchrun gives (gloo on the CPU, NCCL on
-GPUs), or a single process. Passed as an argument everywhere; there is no global group.
+GPUs), or a single process, and where the ranks are (lima_core.parallel.topology: nodes, and
+the groups inside and across them). Passed as an argument everywhere; there is no global group.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lima_core.parallel.topology import ByteCounter, Collectives, Topology, build_topology, node_size_of
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -19,19 +22,35 @@ class Distributed:
     rank: int
     world: int
     device: torch.device
+    comm: Collectives = Collectives(Topology(0, 1, 1))
+    """Every collective of the parallel code, over the topology's levels (world, node, cross)."""
+
+    @property
+    def topology(self) -> Topology:
+        return self.comm.topology
 
 
-def init_distributed(device: str) -> Distributed:
-    """The process group under torchrun (NCCL on CUDA, gloo on CPU); one process otherwise."""
+def init_distributed(device: str, node_size: int = 0, count_bytes: bool = False) -> Distributed:
+    """The process group under torchrun (NCCL on CUDA, gloo on CPU) and its topology, nodes of
+    `node_size` ranks (0: torchrun's LOCAL_WORLD_SIZE); one process otherwise. With
+    `count_bytes`, its collectives count what they move (parallel.topology.ByteCounter). A
+    ValueError names a node size that does not divide the world (the group is ended first)."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    counter = ByteCounter() if count_bytes else None
     if "WORLD_SIZE" not in os.environ:
-        return Distributed(None, 0, 1, torch.device("cuda" if cuda else "cpu"))
+        return Distributed(None, 0, 1, torch.device("cuda" if cuda else "cpu"), Collectives(Topology(0, 1, 1), counter))
     local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(local)
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     group = torch.distributed.group.WORLD
-    return Distributed(group, torch.distributed.get_rank(group), torch.distributed.get_world_size(group), local)
+    rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    try:
+        size = node_size_of(world, node_size)
+    except ValueError:
+        torch.distributed.destroy_process_group()
+        raise
+    return Distributed(group, rank, world, local, Collectives(build_topology(group, rank, world, size), counter))
 
 
 def destroy_distributed(dist: Distributed):

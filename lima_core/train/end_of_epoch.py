@@ -33,19 +33,22 @@ from lima_core.train.prepare import Run
 def end_of_epoch(run: Run, sharded: FSDP, epoch: int) -> dict:
     """The HF export, dev loss and (in the selection window) the dev generations of an epoch.
     Collective: every rank runs its share of the dev forwards (they gather parameters)."""
-    cfg, device = run.cfg, run.dist.device
+    cfg, device, comm = run.cfg, run.dist.device, run.dist.comm
     first, last = selection_window(cfg.train)
     export = None
     if cfg.train.export_epochs == "all" or first <= epoch <= last or epoch == cfg.train.epochs:
         export = run.out / f"epoch-{epoch}"
-        save_sharded(sharded, run.model.cfg, export, run.tokenizer, dtype=run.export_dtype, sampling=cfg.sampling)
-    loss = dev_loss(run.model, run.dev_examples, cfg.train.max_len, device, cfg.compute_dtype,
-                    run.dist.rank, run.dist.world, run.dist.group) if run.dev else None
+        with comm.phase("export"):
+            save_sharded(sharded, run.model.cfg, export, run.tokenizer, dtype=run.export_dtype, sampling=cfg.sampling)
+    with comm.phase("dev_loss"):
+        loss = dev_loss(run.model, run.dev_examples, cfg.train.max_len, device, cfg.compute_dtype,
+                        run.dist.rank, run.dist.world, run.dist.group) if run.dev else None
     info = {"epoch": epoch, "export": None if export is None else str(export), "dev_loss": loss}
     if run.dev and first <= epoch <= last:
         generator = torch.Generator(device).manual_seed(mix_seed(cfg.train.seed, epoch, run.dist.rank))
-        answers = dev_generations(run.model, run.tokenizer, run.dev, cfg.sampling, generator,
-                                  run.dist.rank, run.dist.world, run.dist.group)
+        with comm.phase("dev_generation"):
+            answers = dev_generations(run.model, run.tokenizer, run.dev, cfg.sampling, generator,
+                                      run.dist.rank, run.dist.world, run.dist.group)
         info["generations"] = str(run.out / f"generations-epoch-{epoch}.json")
         if run.dist.rank == 0:
             write_json(info["generations"], answers)
@@ -86,6 +89,20 @@ def dev_generations(model, tokenizer, conversations: list[Conversation], samplin
         mine = [every[i % world][i // world] for i in range(len(conversations))]
     return [{"prompt": c.turns[:-1], "system": c.system, "reference": c.turns[-1], "answer": reply}
             for c, reply in zip(conversations, mine)]
+
+
+def write_byte_counts(run: Run):
+    """With --count-bytes, every rank's counts in bytes.json (rank 0 writes; a collective)."""
+    counter, topology = run.dist.comm.counter, run.dist.topology
+    if counter is None:
+        return
+    every = [counter.as_dict()]
+    if run.dist.world > 1:
+        every = [None] * run.dist.world
+        torch.distributed.all_gather_object(every, counter.as_dict(), group=run.dist.group)
+    if run.dist.rank == 0:
+        write_json(run.out / "bytes.json", {"world": topology.world, "node_size": topology.node_size,
+                                            "ranks": every})
 
 
 def finish(run: Run, progress: Progress):

@@ -36,7 +36,7 @@ from lima_core.model.llama import Llama
 from lima_core.parallel.distributed import Distributed, destroy_distributed, init_distributed
 from lima_core.parallel.fsdp import FSDP
 from lima_core.parallel.parallelize import parallelize
-from lima_core.train.end_of_epoch import end_of_epoch, finish
+from lima_core.train.end_of_epoch import end_of_epoch, finish, write_byte_counts
 from lima_core.train.metrics import MetricsLogger
 from lima_core.train.optim import adamw, lr_at, set_lr
 from lima_core.train.prepare import Run, check_environment, prepare
@@ -56,10 +56,10 @@ def main(argv=None):
     try:
         cfg = load_config(argv)
         check_environment(cfg)
-    except ConfigError as e:
+        dist = init_distributed(cfg.train.device, cfg.parallel.node_size, cfg.parallel.count_bytes)
+    except ValueError as e:  # a ConfigError, or a node size that does not divide the ranks
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    dist = init_distributed(cfg.train.device)
     try:
         status = fine_tune(cfg, dist)
     except KeyboardInterrupt:
@@ -105,6 +105,7 @@ def train(run: Run, state: Path | None):
     with MetricsLogger(run.out, enabled=run.dist.rank == 0, history=progress.history, tensorboard=t.tensorboard,
                        name=t.name, total_steps=run.total_steps) as log:
         train_epochs(run, sharded, optimizer, progress, log)
+    write_byte_counts(run)
     finish(run, progress)
 
 
