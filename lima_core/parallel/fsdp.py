@@ -1,12 +1,13 @@
-"""Fully sharded data parallel, hand-written on torch.distributed collectives (gloo, NCCL).
+"""Fully sharded data parallel, hand-written on lima-core's collectives (gloo, NCCL).
 
-`fully_shard(root, units, group)` shards whatever list of units it is given (a `UnitSpec`: a
+`fully_shard(root, units, comm=...)` shards whatever list of units it is given (a `UnitSpec`: a
 name, the modules whose parameters it holds in forward order, and two flags) and names nothing
 of the model; lima_core.parallel.parallelize builds LLaMA's list. A unit's parameters are laid end to end
 in one logical flat vector (weight-decayed matrices first, then vectors), padded to a multiple
-of the world size and split evenly: rank r keeps elements [r * S, (r + 1) * S) as its fp32
-master shard. The optimizer steps only shards. A parameter shared by two modules of a unit (a
-tied LM head) has one slot; both modules see the same gathered view.
+of the world size W and split evenly: rank r keeps elements [r * c, (r + 1) * c), c = padded / W,
+as its fp32 master shard, in both shardings, so a train state is the same whatever the sharding.
+The optimizer steps only shards. A parameter shared by two modules of a unit (a tied LM head)
+has one slot; both modules see the same gathered view.
 
 Per unit and step: all-gather the shard into a full flat buffer just before the unit's first
 module runs, prefetching the next unit on CUDA (an async all-gather on a side stream; on CPU
@@ -18,15 +19,47 @@ has accumulated it. Gathers move `param_dtype`: with bf16, each rank keeps a bf1
 shard that the optimizer writes in the pass of its update (`FSDP.param_copies`), so a gather
 sends that copy as it is, with no cast per gather.
 
+Two shardings (`sharding`), over the levels of lima_core.parallel.topology (N nodes of L ranks,
+W = N * L; rank r is local rank l = r % L of node n = r // L):
+- "flat": every collective over "world".
+- "two-level" (ZeRO++'s secondary partition, FSDP2's reshard_after_forward=L): after a unit's
+  forward, rank (n, l) keeps partition l of L of the gathered unit (padded / L values, in
+  param_dtype) instead of nothing, so the backward gather runs inside the node; the gradient
+  [padded] is viewed as [N, L, c], permuted to [L, N, c] (a copy), reduce-scattered over "node"
+  (local rank l gets the node's sum of chunks n' * L + l, [N, c]) and then over "cross" (rank
+  (n, l) gets chunk n * L + l = r summed over every rank: the flat shard gradient, summed in
+  another order). Units kept gathered from forward to backward (reshard_after_forward=False)
+  are sharded as in flat, gradient included. On one node, or nodes of one rank, two-level is
+  flat: there is no second level (`FSDP.sharding` says which ran).
+
+Collectives (through `Collectives`, so a ByteCounter sees each; the planner's formulas,
+lima_core.parallel.plan, follow this list). p, g: bytes of param_dtype and reduce_dtype; a
+buffer is a unit's padded flat vector; "freed units" are those with reshard_after_forward, and
+of them "regathered" those with gather_for_backward (LLaMA: the Blocks; the untied embedding is
+freed but its backward reads no weight; the head, and the tied embedding unit, stay gathered).
+Per micro-batch (one forward and backward of a row):
+                           flat                               two-level
+  forward                  all_gather world, every unit,      the same
+                           buffer padded * p
+  backward gather          all_gather world, each             all_gather node, each regathered
+                           regathered unit, padded * p        unit, padded * p
+  gradient, freed units    reduce_scatter world, padded * g   reduce_scatter node, padded * g, then
+                                                              reduce_scatter cross, padded / L * g
+  gradient, kept units     reduce_scatter world, padded * g   the same
+Per step: `clip_grad_norm_` all-reduces one float64 scalar (8 bytes) over "world".
+A forward without grad (dev loss, generation): the forward gathers only. Export and every
+`full_tensors`: one all_gather over "world" of each unit, padded * bytes of the export dtype.
+A level of one rank is a copy and issues nothing.
+
 The model stays pure: FSDP removes the unit's nn.Parameters from the modules and sets plain
 attributes of the same names that are views into the gathered buffer; forward hooks and a
 gradient hook on what the unit's last module returns drive the collectives.
 
 Public interface for saving, loading and exporting (lima_core.checkpoint.state and lima_core.checkpoint.hf use only
-this): `FSDP.units`; a `Unit`'s `name`, `numel`, `slots` (each parameter's state-dict name,
-shape and offset in the flat vector), `local_range`, `shard`, `pieces` (optimizer parameters
-with their offset in the shard) and `write_range` (load part of the flat vector);
-`FSDP.full_tensors(unit)` (one unit's whole tensors, collective).
+this): `FSDP.units`, `.group`, `.rank`, `.world`; a `Unit`'s `name`, `numel`, `slots` (each
+parameter's state-dict name, shape and offset in the flat vector), `local_range`, `shard`,
+`pieces` (optimizer parameters with their offset in the shard) and `write_range` (load part of
+the flat vector); `FSDP.full_tensors(unit)` (one unit's whole tensors, collective).
 
 Known limits: one unit is in flight ahead of the current one; no CPU offload; a module must not
 read a unit's parameters outside the forward of that unit's modules.
@@ -42,9 +75,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-# torch 2.13 deprecates the *_tensor collectives in favour of *_single; 2.11 has only the former.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from lima_core.parallel.topology import Collectives, Topology
+
+SHARDINGS = ("flat", "two-level")
 
 
 @dataclass
@@ -88,12 +121,17 @@ class Piece:
 class Unit:
     """The flat, sharded parameters of a group of modules and the collectives that move them."""
 
-    def __init__(self, spec: UnitSpec, params: list[tuple[str, list[tuple[nn.Module, str]], torch.Size]], group,
-                 rank: int, world: int, device: torch.device, param_dtype: torch.dtype, reduce_dtype: torch.dtype):
-        self.name, self.group, self.rank, self.world = spec.name, group, rank, world
+    def __init__(self, spec: UnitSpec, params: list[tuple[str, list[tuple[nn.Module, str]], torch.Size]],
+                 comm: Collectives, sharding: str, device: torch.device, param_dtype: torch.dtype,
+                 reduce_dtype: torch.dtype):
+        topology = comm.topology
+        self.name, self.comm, self.rank, self.world = spec.name, comm, topology.rank, topology.world
+        self.group = topology.group("world")
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.free_after_forward = spec.reshard_after_forward and world > 1
+        self.free_after_forward = spec.reshard_after_forward and self.world > 1
         self.gather_for_backward = spec.gather_for_backward or not self.free_after_forward
+        # Two-level moves what a unit freed after forward sends; a kept unit is sharded as in flat.
+        self.two_level = sharding == "two-level" and self.free_after_forward
         # Matrices first, so the weight-decayed part of every shard is one contiguous piece.
         ordered = sorted(params, key=lambda p: len(p[2]) < 2)
         self.slots, offset = [], 0
@@ -101,7 +139,7 @@ class Unit:
             self.slots.append(Slot(qualified, holders, shape, offset, len(shape) >= 2))
             offset += math.prod(shape)
         self.numel = offset
-        self.shard_numel = math.ceil(offset / world)
+        self.shard_numel = math.ceil(offset / self.world)
         self.decay_numel = sum(s.numel for s in self.slots if s.decay)
         self.shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         # The shard in the compute dtype: what the all-gather sends; None when that is fp32.
@@ -109,12 +147,13 @@ class Unit:
         self._versions = self._current_versions()  # when the copy last matched the shard
         self.grad = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         self.pieces = self._pieces()
-        if world == 1 and param_dtype == torch.float32:
+        if self.world == 1 and param_dtype == torch.float32:
             self.full = self.shard.data.requires_grad_()  # one rank, fp32: compute on the master itself
         else:
-            self.full = torch.zeros(self.shard_numel * world, dtype=param_dtype, device=device).requires_grad_()
+            self.full = torch.zeros(self.shard_numel * self.world, dtype=param_dtype, device=device).requires_grad_()
         self.full.register_post_accumulate_grad_hook(lambda full: self.reduce_grad())
         self._pending = None  # (work handle, send buffer, stream) of an all-gather in flight
+        self.partition = None  # two-level: this rank's part of the node's copy, from forward to backward
         self.gathered = True
 
     # ---- layout ------------------------------------------------------------------------
@@ -122,6 +161,14 @@ class Unit:
     def local_range(self) -> tuple[int, int]:
         """This rank's [start, end) in the unit's padded flat vector."""
         return self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
+
+    @property
+    def partition_range(self) -> tuple[int, int]:
+        """Two-level: the [start, end) of the padded vector this rank keeps between forward and
+        backward, partition `local_rank` of node_size (padded / L elements)."""
+        topology = self.comm.topology
+        size = self.full.numel() // topology.node_size
+        return topology.local_rank * size, (topology.local_rank + 1) * size
 
     def _pieces(self) -> list[Piece]:
         """The shard cut at the decay boundary: Parameters that alias the shard (optimizer targets)."""
@@ -168,23 +215,27 @@ class Unit:
 
     # ---- parameters in and out -----------------------------------------------------------
     def gather(self, async_op: bool = False, stream=None):
-        """Fill the full buffer from every rank's shard (no-op when already there or in flight)."""
+        """Fill the full buffer (no-op when already there or in flight): from the partitions of
+        the node when a two-level forward left one (backward), else from every rank's shard."""
         if self.gathered or self._pending is not None:
             if not async_op:
                 self.wait()
             return
         storage = self.full.untyped_storage()
         storage.resize_(self.full.numel() * self.full.element_size())
-        send = self.shard if self.copy is None else self._synced_copy()
+        if self.partition is not None:
+            send, level, self.partition = self.partition, "node", None
+        else:
+            send, level = (self.shard if self.copy is None else self._synced_copy()), "world"
         if self.world == 1:
             with torch.no_grad():
                 self.full.data.copy_(send)
             self.gathered = True
             return
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())  # the optimizer wrote `send` there
+            stream.wait_stream(torch.cuda.current_stream())  # the optimizer (or forward) wrote `send` there
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            work = _all_gather(self.full.data, send, group=self.group, async_op=True)
+            work = self.comm.all_gather(self.full.data, send, level, async_op=True)
         self._pending = (work, send, stream)
         if not async_op:
             self.wait()
@@ -207,10 +258,15 @@ class Unit:
             for module, attr in s.holders:
                 setattr(module, attr, view)
 
-    def free(self):
+    def free(self, backward_follows: bool = False):
+        """Release the full buffer's storage; a two-level unit whose backward will read its
+        parameters first keeps its partition of them."""
         if self.world == 1 and self.param_dtype == torch.float32:
             return
         self.wait()
+        if backward_follows and self.two_level and self.gather_for_backward:
+            lo, hi = self.partition_range
+            self.partition = self.full.detach()[lo:hi].clone()
         self.full.untyped_storage().resize_(0)
         self.gathered = False
 
@@ -225,9 +281,22 @@ class Unit:
         else:
             send = full_grad.to(self.reduce_dtype)
             recv = torch.empty(self.shard_numel, dtype=self.reduce_dtype, device=send.device)
-            _reduce_scatter(recv, send, group=self.group)
+            if self.two_level:
+                self._reduce_in_two_levels(recv, send)
+            else:
+                self.comm.reduce_scatter(recv, send, "world")
             self.grad.add_(recv)
+        self.partition = None  # (a backward that never gathered: nothing of it is read again)
         self.free()  # until the next forward
+
+    def _reduce_in_two_levels(self, recv: torch.Tensor, send: torch.Tensor):
+        """recv [c] <- chunk r of the sum over every rank of send [padded]: inside the node, then across."""
+        topology = self.comm.topology
+        nodes, size = topology.nodes, topology.node_size
+        by_local = send.view(nodes, size, self.shard_numel).transpose(0, 1).contiguous()  # [N, L, c] -> [L, N, c]
+        node_sum = torch.empty(nodes * self.shard_numel, dtype=send.dtype, device=send.device)  # [N * c]
+        self.comm.reduce_scatter(node_sum, by_local.view(-1), "node")  # [L * N * c] -> [N * c], chunks n * L + l
+        self.comm.reduce_scatter(recv, node_sum, "cross")  # [N * c] -> [c], chunk n * L + l of every rank
 
 
 class FSDP:
@@ -236,8 +305,13 @@ class FSDP:
     Build with `fully_shard`. Every method that says "collective" must be called by all ranks.
     """
 
-    def __init__(self, model: nn.Module, units: list[Unit], group):
-        self.model, self.units, self.group = model, units, group
+    def __init__(self, model: nn.Module, units: list[Unit], comm: Collectives, sharding: str):
+        self.model, self.units, self.comm, self.sharding = model, units, comm, sharding
+
+    @property
+    def group(self):
+        """The world's process group (None: one process): barriers and file striping use it."""
+        return self.comm.topology.group("world")
 
     @property
     def world(self) -> int:
@@ -267,8 +341,7 @@ class FSDP:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale gradients so their global 2-norm is at most max_norm (collective); returns the norm."""
         sq = torch.stack([u.grad.double().square().sum() for u in self.units]).sum()
-        if self.world > 1:
-            dist.all_reduce(sq, group=self.group)
+        self.comm.all_reduce(sq, "world")
         total = sq.sqrt().float()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for u in self.units:
@@ -284,14 +357,26 @@ class FSDP:
             flat = send
         else:
             flat = torch.empty(unit.shard_numel * unit.world, dtype=dtype, device=unit.shard.device)
-            _all_gather(flat, send, group=self.group)
+            self.comm.all_gather(flat, send, "world")
         return {s.name: flat[s.offset:s.offset + s.numel].view(s.shape).clone() for s in unit.slots}
 
 
-def fully_shard(root: nn.Module, units: list[UnitSpec], group=None, *, device: torch.device | str | None = None,
+def resolve_sharding(sharding: str, topology: Topology) -> str:
+    """The sharding that runs: two-level on one node, or on nodes of one rank, is flat (one of
+    its levels has a single rank, so the two schemes move the same bytes over the same links)."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"--sharding {sharding!r}: choose {' or '.join(SHARDINGS)}")
+    if sharding == "two-level" and (topology.node_size == 1 or topology.nodes == 1):
+        return "flat"
+    return sharding
+
+
+def fully_shard(root: nn.Module, units: list[UnitSpec], group=None, *, comm: Collectives | None = None,
+                sharding: str = "flat", device: torch.device | str | None = None,
                 param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32) -> FSDP:
-    """Shard the parameters of `units` (every parameter of `root`, each in one unit) over `group`
-    (None: a single process, no collectives), in place.
+    """Shard the parameters of `units` (every parameter of `root`, each in one unit) over the
+    ranks of `comm` (or of `group`, as one node; both None: a single process, no collectives),
+    `sharding` "flat" or "two-level" (see the module docstring), in place.
 
     The model may live on the meta device: shards are then zero until filled (Unit.write_range,
     hf.load_sharded). Otherwise each rank copies its slice of the current parameters.
@@ -299,15 +384,16 @@ def fully_shard(root: nn.Module, units: list[UnitSpec], group=None, *, device: t
     for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
-    rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+    comm = comm if comm is not None else _world_collectives(group)
+    sharding = resolve_sharding(sharding, comm.topology)
     first = next(root.parameters())
     device = torch.device(device) if device is not None else (torch.device("cpu") if first.is_meta else first.device)
-    stream = torch.cuda.Stream(device) if device.type == "cuda" and world > 1 else None
+    stream = torch.cuda.Stream(device) if device.type == "cuda" and comm.topology.world > 1 else None
     names = {id(p): n for n, p in root.named_parameters()}
     sharded = []
     for spec in units:
         params = _unit_params(spec, names)
-        unit = Unit(spec, [(n, holders, p.shape) for n, (p, holders) in params.items()], group, rank, world,
+        unit = Unit(spec, [(n, holders, p.shape) for n, (p, holders) in params.items()], comm, sharding,
                     device, param_dtype, reduce_dtype)
         for slot in unit.slots:
             original = params[slot.name][0]
@@ -323,7 +409,15 @@ def fully_shard(root: nn.Module, units: list[UnitSpec], group=None, *, device: t
         raise ValueError(f"fully_shard: parameters in no unit: {', '.join(sorted(missing))}")
     _install_hooks(units, sharded, stream)
     root.register_forward_hook(_root_post_forward(sharded))
-    return FSDP(root, sharded, group)
+    return FSDP(root, sharded, comm, sharding)
+
+
+def _world_collectives(group) -> Collectives:
+    """Collectives over `group` alone, its ranks taken as one node (flat sharding only)."""
+    if group is None:
+        return Collectives(Topology(0, 1, 1))
+    world = dist.get_world_size(group)
+    return Collectives(Topology(dist.get_rank(group), world, world, {"world": group}))
 
 
 def _unit_params(spec: UnitSpec, names: dict[int, str]) -> dict[str, tuple[nn.Parameter, list]]:
@@ -347,20 +441,24 @@ def _install_hooks(specs: list[UnitSpec], units: list[Unit], stream):
 
 def _pre_forward(unit: Unit, nxt: Unit | None, stream, first: bool):
     def hook(module, args):
+        if first:
+            unit.partition = None  # a forward whose backward never ran (its graph dropped): stale
         if first or not unit.gathered:
             unit.gather()
             unit.bind()
         if first and nxt is not None and stream is not None:
+            nxt.partition = None
             nxt.gather(async_op=True, stream=stream)
     return hook
 
 
 def _post_forward(unit: Unit, prev: Unit | None, stream):
     def hook(module, args, result):
-        if unit.free_after_forward:
-            unit.free()
         first = result[0] if isinstance(result, tuple) else result
-        if torch.is_grad_enabled() and isinstance(first, torch.Tensor) and first.requires_grad:
+        backward_follows = torch.is_grad_enabled() and isinstance(first, torch.Tensor) and first.requires_grad
+        if unit.free_after_forward:
+            unit.free(backward_follows)
+        if backward_follows:
             first.register_hook(_before_backward(unit, prev, stream))
     return hook
 

@@ -4,6 +4,9 @@ Order: 1. activation checkpointing wraps each Block's forward; 2. FSDP removes t
 into sharded flat units and hooks gather/free/reduce-scatter around each unit, outside the
 checkpointed region, so a recomputed forward finds the block already gathered (by the gradient
 hook on its output) and never gathers twice. The blocks run eagerly (no torch.compile).
+FSDP's collectives go through the run's `Collectives` (lima_core.parallel.topology), flat over
+every rank or two-level (inside the node, then across; lima_core.parallel.fsdp lists what each
+moves).
 
 `llama_units` is LLaMA's unit list, read by FSDP and by the planner (lima_core.parallel.plan) alike.
 The process groups themselves are lima_core.parallel.distributed's.
@@ -16,6 +19,7 @@ import torch
 from lima_core.model.llama import Llama
 from lima_core.parallel.checkpointing import apply_checkpointing
 from lima_core.parallel.fsdp import FSDP, UnitSpec, fully_shard
+from lima_core.parallel.topology import Collectives
 
 
 def llama_units(model: Llama) -> list[UnitSpec]:
@@ -41,9 +45,11 @@ def unit_numels(units: list[UnitSpec]) -> list[int]:
     return [sum(p.numel() for p in {id(p): p for m in u.modules for p in m.parameters()}.values()) for u in units]
 
 
-def parallelize(model: Llama, *, group=None, checkpointing: str = "block", device=None,
-                param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32) -> FSDP:
-    """Activation checkpointing, then FSDP over `group` (None: one process)."""
+def parallelize(model: Llama, *, comm: Collectives | None = None, group=None, sharding: str = "flat",
+                checkpointing: str = "block", device=None, param_dtype: torch.dtype = torch.float32,
+                reduce_dtype: torch.dtype = torch.float32) -> FSDP:
+    """Activation checkpointing, then FSDP over the ranks of `comm` (or of `group` alone, flat;
+    neither: one process), `sharding` "flat" or "two-level" (flat on one node or nodes of one rank)."""
     apply_checkpointing(model.layers, checkpointing)
-    return fully_shard(model, llama_units(model), group, device=device, param_dtype=param_dtype,
-                       reduce_dtype=reduce_dtype)
+    return fully_shard(model, llama_units(model), group, comm=comm, sharding=sharding, device=device,
+                       param_dtype=param_dtype, reduce_dtype=reduce_dtype)

@@ -113,10 +113,12 @@ def start(run: Run, state: Path | None) -> tuple[FSDP, torch.optim.Optimizer, Pr
     """The sharded model (from the checkpoint, or drawn from the seed), its AdamW, and a fresh
     progress or the one restored from `state`. Rank 0 first removes what a crashed process left
     half-written in the run folder, and writes config.json."""
-    cfg, o = run.cfg, run.cfg.optim
+    cfg, o, p = run.cfg, run.cfg.optim, run.cfg.parallel
     stds = run.model.init_stds()  # read before sharding takes the parameters away
-    sharded = parallelize(run.model, group=run.dist.group, checkpointing=cfg.parallel.checkpointing,
+    sharded = parallelize(run.model, comm=run.dist.comm, sharding=p.sharding, checkpointing=p.checkpointing,
                           device=run.dist.device, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype)
+    if sharded.sharding != p.sharding:
+        run.say(f"--sharding {p.sharding} on one node or nodes of one rank is flat sharding (no second level)")
     if run.init_from is not None:
         load_sharded(sharded, run.init_from)
     else:
