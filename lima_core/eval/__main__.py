@@ -157,17 +157,32 @@ def run_generate(args) -> None:
     sampling = config_from_args(args).sampling.model_dump()
     prompts = generate.read_prompts(args.prompts)[:args.limit]
     settings = {**sampling, "seed": args.seed}
-    if args.checkpoint:
-        import torch
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        answer_batch = generate.checkpoint_answerer(args.checkpoint, sampling, args.seed, device, DTYPES[args.dtype])
-        system = args.system or generate.system_name(args.checkpoint)
-    else:
+    if not args.checkpoint:
         client = make_client(args.endpoint, args.api_key, args.timeout)
         answer_batch = generate.endpoint_answerer(client, args.model, sampling, args.retries, args.retry_delay)
-        system = args.system or args.model
-    written = generate.generate(prompts, Path(args.out), system, args.samples, settings, answer_batch, args.batch_size)
+        _generated(generate.generate(prompts, Path(args.out), args.system or args.model, args.samples, settings,
+                                     answer_batch, args.batch_size), args, prompts)
+        return
+    import torch
+
+    from lima_core.parallel.distributed import destroy_distributed, init_distributed
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = init_distributed("cuda" if device.startswith("cuda") else "cpu")  # under torchrun: one copy over the node
+    try:
+        answer_batch = generate.checkpoint_answerer(args.checkpoint, sampling, args.seed, device, DTYPES[args.dtype],
+                                                    ranks)
+        system = args.system or generate.system_name(args.checkpoint)
+        written = generate.generate(prompts, Path(args.out), system, args.samples, settings, answer_batch,
+                                    args.batch_size, ranks.group)
+        if ranks.rank == 0:
+            _generated(written, args, prompts, system)
+    finally:
+        destroy_distributed(ranks)
+
+
+def _generated(written: int, args, prompts: list, system: str | None = None):
+    system = system or args.system or args.model
     print(f"{system}: {written} responses written to {args.out} ({len(prompts)} prompts x {args.samples} samples)")
 
 

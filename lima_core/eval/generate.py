@@ -26,9 +26,11 @@ import json
 import os
 import re
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
 from tqdm import tqdm
 
 from lima_core.data.formats import DataError, parse_conversations
@@ -191,32 +193,59 @@ def system_name(checkpoint: str) -> str:
 
 
 def generate(prompts: list[Prompt], out: Path, system: str, samples: int, settings: dict, answer_batch,
-             batch_size: int) -> int:
+             batch_size: int, group=None) -> int:
     """Append the missing (prompt, sample) responses to `out`, `answer_batch(list of Prompt)` ->
-    [(text, tokens, finish reason)] answering up to `batch_size` prompts at a time. Returns how many it wrote."""
-    done = read_responses(out, repair=True) if out.exists() else []
-    for record in done:
-        if record["system"] != system or record.get("settings") != settings:
-            raise EvalError(f"{out}: holds responses of system {record['system']!r} with settings "
-                            f"{record.get('settings')}, not of {system!r} with {settings}; use another --out")
-    have = {(r["id"], r["sample"]) for r in done}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    todo = [(p, s) for s in range(samples) for p in prompts if (p.id, s) not in have]
-    with open(out, "ab") as file, tqdm(total=len(todo), desc=f"generate {system}", unit="response") as bar:
+    [(text, tokens, finish reason)] answering up to `batch_size` prompts at a time. Returns how many it wrote.
+
+    With `group` (the ranks of one tensor-parallel copy), every rank answers every batch in
+    lockstep; rank 0 reads what is done, tells the others, and alone writes."""
+    leader = group is None or dist.get_rank(group) == 0
+    todo = _shared(group, lambda: _missing(prompts, out, system, samples, settings) if leader else None)
+    if isinstance(todo, EvalError):
+        raise todo
+    with (open(out, "ab") if leader else nullcontext()) as file, \
+            tqdm(total=len(todo), desc=f"generate {system}", unit="response", disable=not leader) as bar:
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+            batch = [(prompts[i], sample) for i, sample in todo[start:start + batch_size]]
             for (p, sample), (text, tokens, finish) in zip(batch, answer_batch([p for p, _ in batch]), strict=True):
-                append_line(file, {"id": p.id, "sample": sample, "system": system, "prompt": p.turns,
-                                   "system_prompt": p.system, "reference": p.reference, "response": text,
-                                   "tokens": tokens, "finish": finish, "settings": settings})
+                if leader:
+                    append_line(file, {"id": p.id, "sample": sample, "system": system, "prompt": p.turns,
+                                       "system_prompt": p.system, "reference": p.reference, "response": text,
+                                       "tokens": tokens, "finish": finish, "settings": settings})
                 bar.update()
     return len(todo)
 
 
-def checkpoint_answerer(checkpoint: str, settings: dict, seed: int, device: str, dtype):
+def _missing(prompts: list[Prompt], out: Path, system: str, samples: int, settings: dict):
+    """(prompt index, sample) of each response `out` lacks, or the EvalError that says why it cannot be added to."""
+    try:
+        done = read_responses(out, repair=True) if out.exists() else []
+        for record in done:
+            if record["system"] != system or record.get("settings") != settings:
+                raise EvalError(f"{out}: holds responses of system {record['system']!r} with settings "
+                                f"{record.get('settings')}, not of {system!r} with {settings}; use another --out")
+    except EvalError as e:
+        return e
+    have = {(r["id"], r["sample"]) for r in done}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return [(i, s) for s in range(samples) for i, p in enumerate(prompts) if (p.id, s) not in have]
+
+
+def _shared(group, make):
+    """make() on rank 0, its value on every rank of `group` (broadcast); make() alone without a group."""
+    if group is None:
+        return make()
+    box = [make()]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def checkpoint_answerer(checkpoint: str, settings: dict, seed: int, device: str, dtype, ranks=None):
     """answer_batch for a checkpoint decoded here, a batch of prompts at a time, by the decode
     core; a reply's token count is the tokens generated (re-encoding the decoded text does not
-    give it back), its stop token not counted."""
+    give it back), its stop token not counted. With `ranks` of several processes (torchrun on
+    one node), each rank holds its tensor-parallel share, reading only its slices of the files,
+    and every rank decodes the same batch with the same seed."""
     import torch
 
     from lima_core.checkpoint.hf import load_pretrained
@@ -224,8 +253,15 @@ def checkpoint_answerer(checkpoint: str, settings: dict, seed: int, device: str,
     from lima_core.data.formats import Conversation
     from lima_core.data.tokenizer import Tokenizer
     from lima_core.inference.decode import decode_batch
+    from lima_core.parallel.decode_layout import load_tensor_parallel
 
-    model = load_pretrained(checkpoint, dtype=dtype, device=device)
+    if ranks is not None and ranks.world > 1:
+        if ranks.topology.nodes > 1:
+            raise EvalError(f"eval generate --checkpoint runs on one node; these {ranks.world} ranks are "
+                            f"{ranks.topology.nodes} nodes (torchrun --nproc_per_node N on one machine)")
+        model, device = load_tensor_parallel(checkpoint, ranks.comm, dtype, ranks.device), ranks.device
+    else:
+        model = load_pretrained(checkpoint, dtype=dtype, device=device)
     tokenizer = Tokenizer(checkpoint)
     stop_ids = {tokenizer.eot_id, tokenizer.eos_id}
     generator = torch.Generator(device).manual_seed(seed)

@@ -20,6 +20,7 @@ request with its own generator draws the same whatever else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ from lima_core.inference.sampling import LIMA, apply_repetition_penalty, check_s
 from lima_core.inference.text import TextStream
 from lima_core.model.kv_cache import KVCache
 from lima_core.model.llama import Llama
+
+if TYPE_CHECKING:
+    from lima_core.parallel.topology import Collectives
 
 
 @dataclass(eq=False)
@@ -197,20 +201,23 @@ def _merge(parts: list[tuple[_Batch, list[int] | range]]) -> _Batch:
 def decode_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: int = LIMA.max_new_tokens,
                  temperature: float = LIMA.temperature, top_p: float = LIMA.top_p,
                  repetition_penalty: float = LIMA.repetition_penalty, stop_ids=(), generator=None,
-                 group=None) -> list[Sequence]:
+                 comm: Collectives | None = None, level: str = "world") -> list[Sequence]:
     """Continue each prompt (token ids) as one batch; returns each prompt's Sequence (its tokens,
     its stop token included if reached, and why it finished). Every row may generate
     max_new_tokens, less where the longest prompt (of every rank) would pass the model's context:
-    rows move in lockstep. With `group`, a collective: ranks may hold different numbers of
-    prompts (even none), and every rank steps until every rank's rows are done (the forward of
-    a sharded model holds collectives)."""
+    rows move in lockstep. With `comm`, a collective over the ranks of `level` ("world": a
+    sharded model; "node": a node's tensor-parallel copy, lima_core.parallel.decode_layout): ranks
+    may hold different numbers of prompts (even none), and every rank steps until every rank's
+    rows are done (the model's forward holds collectives). Two collectives of its own, through
+    `comm`: the longest prompt (one int64 all-reduce) and, each step, whether anyone is still
+    decoding (one int32 all-reduce)."""
     check_settings(max_new_tokens, temperature, top_p, repetition_penalty)
     context = model.cfg.max_seq_len
     for p in prompts:
         if len(p) >= context:
             raise ValueError(f"a prompt of {len(p)} tokens: beyond the model's context ({context} positions)")
     device = model.tok_embeddings.weight.device  # collectives need the group's device (NCCL: CUDA)
-    budget = min(max_new_tokens, context - _longest(prompts, group, device))
+    budget = min(max_new_tokens, context - _longest(prompts, comm, level, device))
     rows = [Sequence(p, budget, temperature, top_p, repetition_penalty, generator) for p in prompts]
     # A rank without prompts still runs every step's collectives, with one row that never decodes.
     batch = rows or [Sequence([0], budget, temperature=0, finish="stop")]
@@ -220,7 +227,7 @@ def decode_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: int 
     decoder.admit(batch)
     while True:
         decoder.step()
-        if not _anyone_decoding(batch, group, device):
+        if not _anyone_decoding(batch, comm, level, device):
             break
         decoder.forward(compact=False)
     model.train(was_training)
@@ -252,21 +259,21 @@ def answer(model: Llama, tokenizer, turns: list[str], **settings) -> str:
     return answers(model, tokenizer, [turns], **settings)[0]
 
 
-def _longest(prompts: list[list[int]], group, device) -> int:
-    """The longest prompt of this rank, or of every rank of `group`."""
+def _longest(prompts: list[list[int]], comm: Collectives | None, level: str, device) -> int:
+    """The longest prompt of this rank, or of every rank of the level."""
     longest = max((len(p) for p in prompts), default=1)  # a rank without prompts decodes a 1-token row
-    if group is None:
+    if comm is None:
         return longest
     longest = torch.tensor(longest, device=device)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    comm.all_reduce(longest, level, op=dist.ReduceOp.MAX)
     return int(longest)
 
 
-def _anyone_decoding(rows: list[Sequence], group, device) -> bool:
-    """Whether a row of this rank, or of any rank of `group`, has not stopped (one host sync with a group)."""
+def _anyone_decoding(rows: list[Sequence], comm: Collectives | None, level: str, device) -> bool:
+    """Whether a row of this rank, or of any rank of the level, has not stopped (one host sync with `comm`)."""
     busy = any(row.finish is None for row in rows)
-    if group is None:
+    if comm is None:
         return busy
     busy = torch.tensor(int(busy), dtype=torch.int32, device=device)
-    dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=group)
+    comm.all_reduce(busy, level, op=dist.ReduceOp.MAX)
     return bool(busy)

@@ -3,10 +3,12 @@
 The epoch's HF export (by default only in the selection window and at the last epoch); dev
 loss (the mean over every assistant token of the dev set) and dev generations with the run's
 sampling settings. Both are spread over the ranks: each rank runs its share of the packed dev
-rows, and decodes its share of the dev prompts as one batch, so a decode step gathers each FSDP
-unit once for everyone. The selection window (LIMA's epochs 5-10 of 15, scaled to the run) and
-the default choice in it; at the run's end, the summary that records the choice (a judge's, where
-one is configured), the loss curve, and the choice printed.
+rows; dev prompts are decoded as one batch a share, either by each rank on the sharded model
+(a decode step gathers each FSDP unit once for everyone) or by each node on its tensor-parallel
+copy, gathered once an epoch (lima_core.parallel.decode_layout says which, and why). The
+selection window (LIMA's epochs 5-10 of 15, scaled to the run) and the default choice in it; at
+the run's end, the summary that records the choice (a judge's, where one is configured), the
+loss curve, and the choice printed.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import torch
 from lima_core.checkpoint.atomic import write_json
 from lima_core.checkpoint.hf import save_sharded
 from lima_core.checkpoint.state import Progress
-from lima_core.config import SamplingConfig, TrainConfig
-from lima_core.data.encode import Example
+from lima_core.config import TrainConfig
+from lima_core.data.encode import Example, prompt_ids
 from lima_core.data.formats import Conversation
 from lima_core.data.packing import shard_batch
 from lima_core.inference.decode import answers
 from lima_core.model.dispatch import mix_seed
+from lima_core.parallel.decode_layout import choose_dev_layout, free_memory, tensor_parallel_copy
 from lima_core.parallel.fsdp import FSDP
 from lima_core.train.metrics import plot_losses
 from lima_core.train.prepare import Run
@@ -45,10 +48,8 @@ def end_of_epoch(run: Run, sharded: FSDP, epoch: int) -> dict:
                         run.dist.rank, run.dist.world, run.dist.group) if run.dev else None
     info = {"epoch": epoch, "export": None if export is None else str(export), "dev_loss": loss}
     if run.dev and first <= epoch <= last:
-        generator = torch.Generator(device).manual_seed(mix_seed(cfg.train.seed, epoch, run.dist.rank))
         with comm.phase("dev_generation"):
-            answers = dev_generations(run.model, run.tokenizer, run.dev, cfg.sampling, generator,
-                                      run.dist.rank, run.dist.world, run.dist.group)
+            answers = dev_generations(run, sharded, epoch)
         info["generations"] = str(run.out / f"generations-epoch-{epoch}.json")
         if run.dist.rank == 0:
             write_json(info["generations"], answers)
@@ -75,20 +76,50 @@ def dev_loss(model, examples: list[Example], max_len: int, device, dtype: torch.
     return float(total) / max(mine.num_targets, 1)
 
 
-def dev_generations(model, tokenizer, conversations: list[Conversation], sampling: SamplingConfig,
-                    generator: torch.Generator, rank: int = 0, world: int = 1, group=None) -> list[dict]:
-    """The model's answer to each dev conversation's last user turn, beside the reference answer.
-    Each rank decodes conversations rank, rank + world, ... as one batch; every rank returns all."""
-    settings = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                    top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty)
-    mine = answers(model, tokenizer, [c.prompt for c in conversations[rank::world]], generator=generator,
-                   group=group, **settings)
-    if world > 1:
-        every = [None] * world
-        torch.distributed.all_gather_object(every, mine, group=group)  # strings between our own ranks
-        mine = [every[i % world][i // world] for i in range(len(conversations))]
+def dev_generations(run: Run, sharded: FSDP, epoch: int) -> list[dict]:
+    """The model's answer to each dev conversation's last user turn, beside the reference answer
+    (collective: every rank returns all). The layout is chosen (decode_layout.choose_dev_layout)
+    and said in one line. Gather: rank r decodes conversations r, r + world, ... as one batch on
+    the sharded model, drawing from mix_seed(seed, epoch, r). Node: the ranks of node n build
+    their tensor-parallel copy, decode conversations n, n + nodes, ... together, drawing from
+    mix_seed(seed, epoch, n), and free the copy; no collective leaves the node while decoding.
+    The answers are exchanged over the world at the end."""
+    cfg, topology, comm = run.cfg, run.dist.topology, run.dist.comm
+    lengths = [len(prompt_ids(run.tokenizer, c.prompt)) for c in run.dev]
+    free = free_memory(run.dist.device, comm) if cfg.parallel.dev_decode == "auto" else None
+    layout = choose_dev_layout(cfg, run.model.cfg, topology, lengths, free)
+    run.say(f"epoch {epoch}: {layout.describe()}")
+    if layout.name == "node":
+        share, shares = topology.node, topology.nodes
+        mine = _node_local_answers(run, sharded, epoch)
+    else:
+        share, shares = topology.rank, topology.world
+        mine = _answers(run, run.model, run.dev[share::shares], mix_seed(cfg.train.seed, epoch, share), "world")
+    if topology.world > 1:
+        every = [None] * topology.world
+        torch.distributed.all_gather_object(every, mine, group=run.dist.group)  # strings between our own ranks
+        speaker = topology.world // shares  # share s is rank s's (gather), or its node's local rank 0's
+        mine = [every[(i % shares) * speaker][i // shares] for i in range(len(run.dev))]
     return [{"prompt": c.turns[:-1], "system": c.system, "reference": c.turns[-1], "answer": reply}
-            for c, reply in zip(conversations, mine)]
+            for c, reply in zip(run.dev, mine)]
+
+
+def _node_local_answers(run: Run, sharded: FSDP, epoch: int) -> list[str]:
+    """This node's share of the answers, decoded on its tensor-parallel copy (freed on return)."""
+    topology = run.dist.topology
+    copy = tensor_parallel_copy(sharded, run.model.cfg, run.dist.comm, run.cfg.param_dtype, run.cfg.train.kernels)
+    return _answers(run, copy, run.dev[topology.node::topology.nodes],
+                    mix_seed(run.cfg.train.seed, epoch, topology.node), "node")
+
+
+def _answers(run: Run, model, conversations: list[Conversation], seed: int, level: str) -> list[str]:
+    """The answers to `conversations` as one batch with the run's sampling settings, a collective
+    over `level` (every rank of it steps until all are done)."""
+    s = run.cfg.sampling
+    generator = torch.Generator(run.dist.device).manual_seed(seed)
+    return answers(model, run.tokenizer, [c.prompt for c in conversations], max_new_tokens=s.max_new_tokens,
+                   temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+                   generator=generator, comm=run.dist.comm, level=level)
 
 
 def write_byte_counts(run: Run):

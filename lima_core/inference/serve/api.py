@@ -62,9 +62,10 @@ from lima_core.inference.text import TextStream
 from lima_core.model.llama import Llama
 
 
-def create_app(model: Llama, tokenizer, *, model_name: str, max_batch: int = 16) -> FastAPI:
-    """The server's app for a loaded model; its engine (app.state.engine) runs while the app does."""
-    engine = Engine(model, tokenizer, max_batch)
+def create_app(model: Llama, tokenizer, *, model_name: str, max_batch: int = 16, group=None) -> FastAPI:
+    """The server's app for a loaded model; its engine (app.state.engine) runs while the app does.
+    With `group`, the model is one rank's share and the group's other ranks follow the engine."""
+    engine = Engine(model, tokenizer, max_batch, group)
     server = ChatServer(engine, tokenizer, model_name, context=model.cfg.max_seq_len)
 
     @asynccontextmanager
@@ -155,7 +156,7 @@ class ChatServer:
         return Request(prompt, min(max_tokens, context - len(prompt)), temperature=body.temperature,
                        top_p=body.top_p, repetition_penalty=body.repetition_penalty, generator=generator,
                        text=TextStream(self.tokenizer, stop_strings(body.stop)), stream=body.stream,
-                       loop=asyncio.get_running_loop())
+                       loop=asyncio.get_running_loop(), seed=body.seed)
 
 
 async def stream_chunks(request: Request, completion: dict, include_usage: bool):
