@@ -54,11 +54,19 @@ def init_distributed(device: str, node_size: int = 0, count_bytes: bool = False)
 
 
 def destroy_distributed(dist: Distributed):
-    """End the process group, once every sharded model is unreachable.
+    """End the process groups, once every sharded model is unreachable.
 
     The sharded model's hooks hold the process group in reference cycles; a gloo group left to
     interpreter finalization aborts the process now and then ("terminate called without an
-    active exception", pytorch#179291). Collect them while Python is alive, then destroy."""
-    if dist.group is not None:
-        gc.collect()
-        torch.distributed.destroy_process_group()
+    active exception", pytorch#179291). Collect them while Python is alive, end the topology's
+    node and cross groups one by one and forget them, then end the world group."""
+    if dist.group is None:
+        return
+    gc.collect()
+    groups = dist.topology.groups
+    for level in ("node", "cross"):
+        if groups.get(level) is not None:
+            torch.distributed.destroy_process_group(groups[level])
+    groups.clear()
+    torch.distributed.destroy_process_group()
+    gc.collect()
