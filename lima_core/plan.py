@@ -1,6 +1,6 @@
-"""`python -m lima_core.plan`: the memory and time plan of a run (lima_core.parallel.plan)."""
+"""`python -m lima_core.plan`: the memory and time plan of a run (lima_core.parallel.planning)."""
 
-from lima_core.parallel.plan import main
+from lima_core.parallel.planning.cli import main
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ from lima_core.checkpoint.state import complete_states
 from lima_core.data.tokenizer import Tokenizer
 from lima_core.model.llama import Llama
 from lima_core.model.shapes import ModelConfig
-from lima_core.parallel import plan
+from lima_core.parallel.planning import cli as plan
 from lima_core.train import loop as train
 
 

@@ -33,7 +33,7 @@ W = N * L; rank r is local rank l = r % L of node n = r // L):
   flat: there is no second level (`FSDP.sharding` says which ran).
 
 Collectives (through `Collectives`, so a ByteCounter sees each; the planner's formulas,
-lima_core.parallel.plan, follow this list). p, g: bytes of param_dtype and reduce_dtype; a
+lima_core.parallel.planning.traffic, follow this list). p, g: bytes of param_dtype and reduce_dtype; a
 buffer is a unit's padded flat vector; "freed units" are those with reshard_after_forward, and
 of them "regathered" those with gather_for_backward (LLaMA: the Blocks; the untied embedding is
 freed but its backward reads no weight; the head, and the tied embedding unit, stay gathered).

@@ -8,7 +8,7 @@ FSDP's collectives go through the run's `Collectives` (lima_core.parallel.topolo
 every rank or two-level (inside the node, then across; lima_core.parallel.fsdp lists what each
 moves).
 
-`llama_units` is LLaMA's unit list, read by FSDP and by the planner (lima_core.parallel.plan) alike.
+`llama_units` is LLaMA's unit list, read by FSDP and by the planner (lima_core.parallel.planning) alike.
 The process groups themselves are lima_core.parallel.distributed's.
 """
 

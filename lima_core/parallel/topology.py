@@ -10,7 +10,7 @@ itself a collective.
 
 `Collectives` issues every collective over a level's group and, when given a `ByteCounter`,
 records what each one moved (on in tests and with `--count-bytes`), so the planner's formulas
-(lima_core.parallel.plan) are checked against what the code really asks of the network
+(lima_core.parallel.planning.traffic) are checked against what the code really asks of the network
 (docs/design.md, decision 19). A count is algorithmic, as NCCL's ring and tree algorithms move
 data: a collective over G ranks of a buffer of S bytes (the gathered output, the reduced input)
 has each rank send (G - 1) / G of S (twice that for an all-reduce: reduce-scatter then

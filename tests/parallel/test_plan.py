@@ -23,27 +23,20 @@ from torch.utils._pytree import tree_leaves
 from lima_core.model.llama import Llama
 from lima_core.model.shapes import PRESETS, ModelConfig
 from lima_core.parallel.checkpointing import apply_checkpointing
-from lima_core.parallel.plan import (
-    Cluster,
-    Job,
-    Traffic,
+from lima_core.parallel.planning.cli import main
+from lima_core.parallel.planning.cluster import Cluster
+from lima_core.parallel.planning.memory import (
     UnitShape,
-    bus_gbs,
-    busiest,
-    dev_loss,
-    export,
     fsdp_units,
-    gather_decode,
     kv_cache_bytes,
-    lima_plan,
-    main,
     node_copy_params,
-    node_decode,
     plan,
-    recommend,
-    train_step,
     two_level_bytes,
 )
+from lima_core.parallel.planning.report import recommend
+from lima_core.parallel.planning.run import lima_plan
+from lima_core.parallel.planning.timing import Job, bus_gbs, busiest
+from lima_core.parallel.planning.traffic import Traffic, dev_loss, export, gather_decode, node_decode, train_step
 
 # Activation shapes: the tiny model, one four times wider, and one with tied embeddings,
 # multi-query attention and head_dim != dim / n_heads (so q-sized and dim-sized terms differ).

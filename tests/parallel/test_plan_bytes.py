@@ -3,7 +3,7 @@ as 2 nodes x 2 (--node-size 2), with --count-bytes, once with flat sharding and 
 decode layout in fp32, once with two-level sharding and the node-local decode layout in bf16
 (bf16 gathers, copy and exports, fp32 gradient reductions: every dtype factor). Every rank's
 count per (phase, collective, level) in bytes.json (calls, buffer bytes, bytes sent) must equal
-lima_core.parallel.plan's prediction exactly: the buffers are padded integers, and (G - 1) / G
+lima_core.parallel.planning.traffic's prediction exactly: the buffers are padded integers, and (G - 1) / G
 is a power-of-two fraction here, exact in floats.
 
 What a prediction takes from the run rather than from a formula, since it depends on the data:
@@ -29,17 +29,9 @@ from lima_core.data.packing import epoch_batches, pack
 from lima_core.data.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 from lima_core.inference.decode import decode_batch
 from lima_core.model.shapes import ModelConfig
-from lima_core.parallel.plan import (
-    BYTES,
-    Cluster,
-    Traffic,
-    dev_loss,
-    export,
-    fsdp_units,
-    gather_decode,
-    node_decode,
-    train_step,
-)
+from lima_core.parallel.planning.cluster import Cluster
+from lima_core.parallel.planning.memory import BYTES, fsdp_units
+from lima_core.parallel.planning.traffic import Traffic, dev_loss, export, gather_decode, node_decode, train_step
 
 WORLD, NODE_SIZE = 4, 2
 MAX_LEN, BATCH, EPOCHS, SEED, NEW_TOKENS = 300, 8, 2, 0, 4
