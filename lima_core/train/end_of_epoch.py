@@ -88,7 +88,8 @@ def dev_generations(run: Run, sharded: FSDP, epoch: int) -> list[dict]:
     lengths = [len(prompt_ids(run.tokenizer, c.prompt)) for c in run.dev]
     free = free_memory(run.dist.device, comm) if cfg.parallel.dev_decode == "auto" else None
     layout = choose_dev_layout(cfg, run.model.cfg, topology, lengths, free)
-    run.say(f"epoch {epoch}: {layout.describe()}")
+    if run.dist.world > 1:  # one process has one layout: the model as trained
+        run.say(f"epoch {epoch}: {layout.describe()}")
     if layout.name == "node":
         share, shares = topology.node, topology.nodes
         mine = _node_local_answers(run, sharded, epoch)
