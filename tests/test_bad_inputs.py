@@ -96,6 +96,16 @@ BAD_SETTINGS = [
     ("out-dir is a file", lambda p: train_args(p, "--out-dir", str(ASSETS / "train.jsonl")), "is a file, not a folder"),
     ("resume from nowhere", lambda p: train_args(p, "--resume", str(p / "nowhere")),
      "nowhere: not a readable train state"),
+    ("a negative node size", lambda p: train_args(p, "--node-size", "-1"),
+     "--node-size: parallel.node_size = -1: Input should be greater than or equal to 0"),
+    ("a node size the ranks do not fill", lambda p: train_args(p, "--node-size", "3"),
+     "--node-size 3: the 1 ranks do not split into nodes of 3"),
+    ("an unknown sharding", lambda p: train_args(p, "--sharding", "ring"),
+     "--sharding: parallel.sharding = 'ring': Input should be 'flat' or 'two-level'"),
+    ("an unknown dev-generation layout", lambda p: train_args(p, "--dev-decode", "fast"),
+     "--dev-decode: parallel.dev_decode = 'fast': Input should be 'auto', 'node' or 'gather'"),
+    ("count-bytes not a boolean", lambda p: train_args(p, "--count-bytes", "maybe"),
+     "--count-bytes: parallel.count_bytes = 'maybe': Input should be a valid boolean"),
 ]
 
 
@@ -233,6 +243,13 @@ BAD_PLANS = [
     (["--gpu-memory", "-80"], "--gpu-memory: must be a positive number"),
     (["--link-gbps", "nan"], "--link-gbps: must be a positive number"),
     (["--model", "llama-9b"], "unknown model preset 'llama-9b'"),
+    (["--gpus", "12"], "--gpus 12 do not make whole nodes of 8 (--gpus-per-node)"),
+    (["--gpus-per-node", "0"], "--gpus-per-node: must be a positive integer"),
+    (["--nvlink-gbs", "-1"], "--nvlink-gbs: must be a positive number"),
+    (["--hbm-gbs", "0"], "--hbm-gbs: must be a positive number"),
+    (["--nvlink-latency-us", "-1"], "--nvlink-latency-us: must be a positive number"),
+    (["--sharding", "ring"], "--sharding: invalid choice: 'ring'"),
+    (["--dev-decode", "fast"], "--dev-decode: invalid choice: 'fast'"),
 ]
 
 

@@ -38,6 +38,7 @@ def init_distributed(device: str, node_size: int = 0, count_bytes: bool = False)
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     counter = ByteCounter() if count_bytes else None
     if "WORLD_SIZE" not in os.environ:
+        node_size_of(1, node_size)  # one process is one node of one rank: a larger node size is an error
         return Distributed(None, 0, 1, torch.device("cuda" if cuda else "cpu"), Collectives(Topology(0, 1, 1), counter))
     local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
