@@ -226,6 +226,12 @@ def check_checkpoint(path: str | Path, model: Llama | ModelConfig | None = None)
     return cfg
 
 
+def inspect_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Stored]]:
+    """check_checkpoint's config and every tensor's header (its file, shape and dtype), for a
+    reader of slices (load_sharded, decode_layout.load_tensor_parallel)."""
+    return _inspect(Path(path))
+
+
 def _inspect(path: Path) -> tuple[ModelConfig, dict[str, Stored]]:
     """The checkpoint's config and its tensors' headers, checked against each other."""
     cfg = read_config(path)

@@ -23,7 +23,6 @@ and dev generation gathers); ffn_dim need not (the first ranks then hold one col
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +31,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch.utils.hooks import RemovableHandle
 
-from lima_core.checkpoint.hf import check_checkpoint, hf_key
-from lima_core.checkpoint.sharded import INDEX
+from lima_core.checkpoint.hf import hf_key, inspect_checkpoint
 from lima_core.config import Config
 from lima_core.model.llama import Llama
 from lima_core.model.shapes import ModelConfig
@@ -129,35 +127,23 @@ def load_tensor_parallel(checkpoint_dir: str | Path, comm: Collectives, dtype: t
                          device: str | torch.device = "cpu", kernels: str = "auto") -> Llama:
     """This rank's tensor-parallel copy of an HF checkpoint (the node's ranks together hold one
     model), each rank reading only its slices of the safetensors files (safe_open + get_slice).
-    Every header is checked first (hf.check_checkpoint); a ValueError says why heads that do
+    Every header is checked first (hf.inspect_checkpoint); a ValueError says why heads that do
     not split over the node's ranks cannot be laid out."""
     path = Path(checkpoint_dir)
-    cfg = check_checkpoint(path)
+    cfg, stored = inspect_checkpoint(path)
     parts, part = comm.topology.node_size, comm.topology.local_rank
     problem = split_problem(cfg, parts)
     if problem:
         raise ValueError(f"{path}: {problem}")
     with torch.device("meta"):
         keys = list(Llama(cfg).state_dict())
-    files = _tensor_files(path)
     state = {}
-    for file in sorted({files[hf_key(key)] for key in keys}):
+    for file in sorted({stored[hf_key(key)].file for key in keys}):
         with safe_open(str(file), framework="pt") as f:
-            for key in (k for k in keys if files[hf_key(k)] == file):
+            for key in (k for k in keys if stored[hf_key(k)].file == file):
                 piece = f.get_slice(hf_key(key))[local_index(key, cfg, parts, part)]
                 state[key] = piece.to(device, dtype)
     return _assemble(cfg, parts, part, state, comm, kernels)
-
-
-def _tensor_files(path: Path) -> dict[str, Path]:
-    """HF key -> the safetensors file holding it: the index's map, or each file's own keys."""
-    if (path / INDEX).is_file():
-        return {key: path / name for key, name in json.loads((path / INDEX).read_text())["weight_map"].items()}
-    files = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), file))
-    return files
 
 
 # ---- which layout dev generation uses, and why --------------------------------------------
